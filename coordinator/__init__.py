@@ -1,0 +1,1 @@
+"""The coordinator: registry of nodes and services, cluster status."""

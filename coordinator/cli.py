@@ -1,0 +1,78 @@
+"""`mqinfer coordinator` and `mqinfer status`."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+import orjson
+
+from coordinator import status
+from coordinator.agent import CoordinatorAgent
+from coordinator.registry import Registry
+from mqinfer import options, session
+from mqinfer.client import AuthRefused, MQTTError
+from protocol.topics import node_id_from_hostname
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "coordinator",
+        help="run the coordinator: keep the registry of nodes and services",
+        description="Run the coordinator. It rebuilds its registry from the broker's retained "
+        "messages, follows node states and heartbeats, and marks a node lost on its Will or "
+        "when its heartbeats stop for longer than --missed-beats of its announced intervals.",
+    )
+    p.add_argument(
+        "--id",
+        default=options.env("COORDINATOR_ID", node_id_from_hostname(socket.gethostname())),
+        help="coordinator id (env MQINFER_COORDINATOR_ID; default: hostname)",
+    )
+    p.add_argument(
+        "--missed-beats",
+        type=float,
+        default=float(options.env("MISSED_BEATS", "3")),
+        help="a node is lost after this many heartbeat intervals of silence (default 3)",
+    )
+    options.add_common(p)
+    p.set_defaults(func=run_coordinator, parser=p)
+
+    s = sub.add_parser(
+        "status",
+        help="show nodes and services (works without a running coordinator)",
+        description="Read the retained cluster state from the broker and print it.",
+    )
+    s.add_argument("--json", action="store_true", help="print JSON: {nodes, services, coordinator}")
+    s.add_argument(
+        "--settle",
+        type=float,
+        default=0.5,
+        help="seconds without new retained messages before printing (default %(default)s)",
+    )
+    options.add_common(s)
+    s.set_defaults(func=run_status, parser=s)
+
+
+def run_coordinator(args: argparse.Namespace) -> int:
+    url, topics = options.resolve(args.parser, args)
+    if args.missed_beats < 1:
+        args.parser.error("--missed-beats: expected a number >= 1")
+    agent = CoordinatorAgent(topics, Registry(missed_beats=args.missed_beats), args.id)
+    stop = options.stop_on_signals()
+    return session.run(agent, url, stop, protocol=args.mqtt_version)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    url, topics = options.resolve(args.parser, args)
+    try:
+        registry = status.collect(url, topics, args.mqtt_version, settle=args.settle)
+    except MQTTError as e:
+        print(f"mqinfer status: error: {e}", file=sys.stderr)
+        return session.EXIT_AUTH if isinstance(e, AuthRefused) else 1
+    view = status.as_json(registry)
+    if args.json:
+        sys.stdout.write(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(status.as_text(view))
+    return 0

@@ -1,0 +1,144 @@
+"""`mqinfer status`: read the retained cluster state from the broker and show it.
+
+It needs no running coordinator: nodes, services and the coordinator all keep their state
+in retained messages, and the registry is rebuilt from them exactly as the coordinator does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from coordinator.agent import read, subscriptions
+from coordinator.registry import NodeRecord, Registry
+from mqinfer.client import BrokerURL, Connection, Message
+from protocol.errors import ProtocolError
+from protocol.topics import TopicError, Topics
+
+log = logging.getLogger("mqinfer.status")
+
+
+def collect(
+    url: BrokerURL, topics: Topics, protocol: str = "auto", settle: float = 0.5, limit: float = 5.0
+) -> Registry:
+    """Subscribe, take the retained messages until `settle` s pass quietly (at most `limit`)."""
+    registry = Registry()
+    last = [time.monotonic()]
+    lock = threading.Lock()
+
+    def on_message(message: Message) -> None:
+        with lock:
+            last[0] = time.monotonic()
+            try:
+                read(topics, registry, message, last[0])
+            except (ProtocolError, TopicError) as e:
+                log.warning("ignored message on %s: %s", message.topic, e)
+
+    client_id = f"mqinfer-status-{time.time_ns():x}"
+    conn = Connection(url, client_id, on_message, protocol=protocol)
+    conn.open()
+    try:
+        subs = [*subscriptions(topics), (topics.coordinator_state(), 1)]
+        conn.subscribe(subs)
+        start = last[0] = time.monotonic()
+        while time.monotonic() - last[0] < settle and time.monotonic() - start < limit:
+            time.sleep(0.05)
+        with lock:
+            return registry
+    finally:
+        conn.close()
+
+
+def _age(ts: float | None, now: float) -> float | None:
+    return None if ts is None else round(max(0.0, now - ts), 1)
+
+
+def node_view(rec: NodeRecord, now: float, missed_beats: float = 3.0) -> dict[str, Any]:
+    caps, beat = rec.caps, rec.heartbeat
+    age = _age(beat.ts, now) if beat else None
+    view: dict[str, Any] = {
+        "id": rec.id,
+        "state": rec.state,
+        "session": rec.session,
+        "reason": rec.reason,
+        "accelerators": [a.kind for a in caps.accelerators] if caps else [],
+        "runtimes": {k: r.version for k, r in caps.runtimes.items()} if caps else {},
+        "formats": caps.formats if caps else [],
+        "host": caps.host.model_dump() if caps else None,
+        "labels": caps.labels if caps else {},
+        "heartbeat_age_s": age,
+        # online by its retained state, yet silent: dead without a Will, or no coordinator yet
+        "stale": rec.state == "online" and (age is None or age > missed_beats * rec.interval),
+        "load": list(beat.load) if beat else None,
+        "memory_available_mb": beat.memory_available_mb if beat else None,
+        "inflight": beat.inflight if beat else None,
+    }
+    return view
+
+
+def as_json(registry: Registry, now: float | None = None) -> dict[str, Any]:
+    """[T-STATUS-1] {"nodes": [...], "services": [...], "coordinator": {...} | null}."""
+    now = time.time() if now is None else now
+    services = []
+    for name in sorted(registry.services):
+        rec = registry.services[name]
+        services.append(
+            {
+                "name": name,
+                "spec": rec.spec.model_dump(mode="json") if rec.spec else None,
+                "state": rec.status.state if rec.status else "unknown",
+                "reason": rec.status.reason if rec.status else None,
+                "replicas": [r.model_dump() for r in rec.status.replicas] if rec.status else [],
+            }
+        )
+    coord = registry.coordinator
+    return {
+        "nodes": [
+            node_view(registry.nodes[k], now, registry.missed_beats) for k in sorted(registry.nodes)
+        ],
+        "services": services,
+        "coordinator": coord.model_dump(mode="json", exclude_none=True) if coord else None,
+    }
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def as_text(view: dict[str, Any]) -> str:
+    coord = view["coordinator"]
+    lines = [f"coordinator: {coord['id']} {coord['state']}" if coord else "coordinator: none seen"]
+    rows = [["NODE", "STATE", "ACCELERATORS", "RUNTIMES", "CORES", "MEM FREE", "HEARTBEAT"]]
+    for n in view["nodes"]:
+        age = n["heartbeat_age_s"]
+        state = n["state"] + (f" ({n['reason']})" if n["state"] == "lost" and n["reason"] else "")
+        state += " (stale)" if n["stale"] else ""
+        rows.append(
+            [
+                n["id"],
+                state,
+                ",".join(n["accelerators"]) or "-",
+                " ".join(f"{k} {v}" for k, v in n["runtimes"].items()) or "-",
+                str(n["host"]["cores"]) if n["host"] else "-",
+                f"{n['memory_available_mb']} MB" if n["memory_available_mb"] is not None else "-",
+                f"{age:.1f} s ago" if age is not None else "-",
+            ]
+        )
+    lines.append("")
+    lines.append(_table(rows) if view["nodes"] else "no nodes")
+    lines.append("")
+    if view["services"]:
+        srows = [["SERVICE", "STATE", "MODEL", "REPLICAS"]]
+        for s in view["services"]:
+            model = s["spec"]["model"] if s["spec"] else "-"
+            where = ",".join(r["node"] for r in s["replicas"]) or "-"
+            srows.append([s["name"], s["state"], model, where])
+        lines.append(_table(srows))
+    else:
+        lines.append("no services")
+    return "\n".join(lines)

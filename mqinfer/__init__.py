@@ -1,0 +1,1 @@
+"""mqinfer: discover, provision and orchestrate ML inference on edge nodes over MQTT."""

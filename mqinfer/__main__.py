@@ -1,0 +1,3 @@
+from mqinfer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""The `mqinfer` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import broker.cli
+import coordinator.cli
+import node.cli
+from mqinfer import demo
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mqinfer",
+        description="Discover, provision and orchestrate ML inference on edge nodes over MQTT. "
+        "Every command takes --help.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    broker.cli.add_parser(sub)
+    node.cli.add_parser(sub)
+    coordinator.cli.add_parsers(sub)
+    demo.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

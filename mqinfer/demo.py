@@ -1,0 +1,118 @@
+"""`mqinfer demo`: embedded broker, a coordinator and two nodes on this machine, then status."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from broker.ports import free_port, port_is_free
+from coordinator import status
+from coordinator.registry import Registry
+from mqinfer.client import BrokerURL, MQTTError
+from protocol.topics import Topics
+
+HOST = "127.0.0.1"
+NODES = ("demo-node-1", "demo-node-2")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "demo",
+        help="run a whole cluster on this machine and show its status",
+        description="Start the embedded broker (port 1883, or a free port if 1883 is taken), "
+        "a coordinator and two nodes as separate processes, wait until both nodes are online, "
+        "print the cluster status, then stop everything (or keep it running with --keep).",
+    )
+    p.add_argument("--port", type=int, default=1883, help="preferred broker port (default 1883)")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the cluster running until Ctrl-C, to explore it"
+    )
+    p.set_defaults(func=run, parser=p)
+
+
+@contextmanager
+def _process(name: str, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    cmd = [sys.executable, "-m", "mqinfer", *args]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                print(f"demo: {name} did not stop on SIGTERM; killing it", file=sys.stderr)
+                proc.kill()
+                proc.wait()
+
+
+def _wait_online(url: BrokerURL, topics: Topics, deadline: float) -> Registry:
+    while True:
+        try:
+            registry = status.collect(url, topics, protocol="3.1.1", settle=0.3)
+            nodes_up = all(
+                n in registry.nodes and registry.nodes[n].state == "online" for n in NODES
+            )
+            coord = registry.coordinator
+            if nodes_up and coord is not None and coord.state == "online":
+                return registry
+        except MQTTError:
+            pass  # the broker may still be starting
+        if time.monotonic() > deadline:
+            raise TimeoutError("the nodes did not come online within 60 s (see the log above)")
+        time.sleep(0.5)
+
+
+def _wait_listening(port: int, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if not port_is_free(HOST, port):
+            return
+        time.sleep(0.1)
+
+
+def run(args: argparse.Namespace) -> int:
+    port = args.port
+    if not port_is_free(HOST, port):
+        port = free_port(HOST)
+        print(f"demo: port {args.port} is taken (another broker?); the embedded broker uses {port}")
+    broker_url = f"mqtt://{HOST}:{port}"
+    url, topics = BrokerURL.parse(broker_url), Topics()
+    # The embedded broker speaks MQTT 3.1.1 only: say so rather than probe for MQTT 5.
+    common = ["--broker", broker_url, "--mqtt-version", "3.1.1", "--log-level", "warning"]
+    print(f"demo: embedded broker on {broker_url}; starting a coordinator and {len(NODES)} nodes")
+    with _process("broker", "broker", "--host", HOST, "--port", str(port)) as broker:
+        _wait_listening(port, time.monotonic() + 30)
+        with (
+            _process("coordinator", "coordinator", "--id", "demo", *common),
+            _process(NODES[0], "node", "--id", NODES[0], "--heartbeat", "1", *common),
+            _process(NODES[1], "node", "--id", NODES[1], "--heartbeat", "1", *common),
+        ):
+            try:
+                registry = _wait_online(url, topics, time.monotonic() + 60)
+            except TimeoutError as e:
+                print(f"demo: error: {e}", file=sys.stderr)
+                return 1
+            print()
+            print(status.as_text(status.as_json(registry)))
+            print()
+            if args.keep:
+                print(f"try: mosquitto_sub -h {HOST} -p {port} -t 'mqinfer/nodes/#' -v")
+                print(f"     mqinfer status --broker {broker_url}")
+                print("demo: running; Ctrl-C stops it")
+                try:
+                    while broker.poll() is None:
+                        time.sleep(0.5)
+                except KeyboardInterrupt:
+                    pass
+        print(
+            "demo: stopped the nodes and the coordinator cleanly "
+            "(`mqinfer demo --keep` leaves the cluster running)"
+        )
+    return 0

@@ -1,0 +1,73 @@
+"""Options every command shares: broker URL, topic prefix, MQTT version, logging, signals."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+
+from mqinfer.client import DEFAULT_BROKER, BrokerURL
+from protocol.topics import DEFAULT_PREFIX, TopicError, Topics
+
+
+def env(name: str, default: str) -> str:
+    return os.environ.get(f"MQINFER_{name}", default)
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("broker")
+    g.add_argument(
+        "--broker",
+        default=env("BROKER", DEFAULT_BROKER),
+        help="broker URL mqtt://[user:pass@]HOST:PORT or mqtts://... "
+        "(env MQINFER_BROKER; default %(default)s)",
+    )
+    g.add_argument(
+        "--prefix",
+        default=env("PREFIX", DEFAULT_PREFIX),
+        help="topic prefix, one or more levels (env MQINFER_PREFIX; default %(default)s)",
+    )
+    g.add_argument(
+        "--mqtt-version",
+        choices=["auto", "5", "3.1.1"],
+        default=env("MQTT_VERSION", "auto"),
+        help="MQTT protocol version; auto tries 5 then 3.1.1 (env MQINFER_MQTT_VERSION)",
+    )
+    g.add_argument(
+        "--log-level",
+        default=env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity on stderr (env MQINFER_LOG_LEVEL; default %(default)s)",
+    )
+
+
+def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[BrokerURL, Topics]:
+    """Validate the shared options; exit with a usage error naming what is wrong."""
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        url = BrokerURL.parse(args.broker)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        topics = Topics(args.prefix)
+    except TopicError as e:
+        parser.error(f"--prefix: {e}")
+    return url, topics
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM (for a clean shutdown)."""
+    stop = threading.Event()
+
+    def handler(_sig: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop

@@ -1,0 +1,1 @@
+"""The node agent: capability probe, presence and command handling."""

@@ -1,0 +1,167 @@
+"""The node agent: presence (caps, state, Will, heartbeats) and its command topic."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from mqinfer.client import Connection, Message, Will
+from node import sysinfo
+from node.capabilities import Probe, capabilities
+from node.commands import CommandHandler
+from protocol import codec
+from protocol import messages as m
+from protocol.errors import ProtocolError
+from protocol.topics import Kind, Topics
+
+log = logging.getLogger("mqinfer.node")
+
+
+class NodeAgent:
+    """Runs one node's sessions (see mqinfer.session.run)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        topics: Topics,
+        probe: Probe,
+        host: m.Host,
+        heartbeat: float = 5.0,
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.name = f"node {node_id}"
+        self.topics = topics
+        self.probe = probe
+        self.host = host
+        self.heartbeat = heartbeat
+        self.labels = labels or {}
+        self.started = time.monotonic()
+        self.inflight = 0
+        self._session = 0
+        self._seq = 0
+        self._next_beat = 0.0
+        self._conn: Connection | None = None
+        self._stopping = False
+        self._lock = threading.Lock()
+        self.commands = CommandHandler(self)
+
+    @property
+    def session(self) -> int:
+        return self._session
+
+    # ---- session hooks ------------------------------------------------------------
+
+    def client_id(self, session: int) -> str:
+        # One client id per connection: a hung old connection is not taken over, so its
+        # Will may arrive late; the session number in it tells it apart ([T-STATE-3]).
+        return f"mqinfer-node-{self.node_id}-{session:x}"
+
+    def will(self, session: int) -> Will:
+        lost = m.NodeState(node=self.node_id, state="lost", session=session, by="will")
+        return Will(self.topics.node_state(self.node_id), codec.encode(lost), qos=1, retain=True)
+
+    def start(self, conn: Connection, session: int) -> None:
+        with self._lock:
+            self._conn, self._session, self._seq = conn, session, 0
+        # [T-NODE-1] subscribe before birth, so no command sent after 'online' is missed.
+        conn.subscribe(
+            [(self.topics.node_cmd(self.node_id), 1), (self.topics.node_state(self.node_id), 1)]
+        )
+        self.announce(conn)
+        self.publish_state(conn, "online")
+        self._next_beat = 0.0
+        self.tick(conn)
+
+    def tick(self, conn: Connection) -> None:
+        now = time.monotonic()
+        if now < self._next_beat:
+            return
+        self._next_beat = now + self.heartbeat
+        _total, available = sysinfo.memory_mb()
+        beat = m.Heartbeat(
+            node=self.node_id,
+            session=self._session,
+            seq=self._seq,
+            ts=time.time(),
+            interval=self.heartbeat,
+            uptime=round(now - self.started, 3),
+            load=sysinfo.load_average(),
+            memory_available_mb=available,
+            inflight=self.inflight,
+        )
+        self._seq += 1
+        conn.publish(
+            self.topics.node_heartbeat(self.node_id), codec.encode(beat), qos=0, retain=True
+        )
+
+    def shutdown(self, conn: Connection) -> None:
+        # [T-STATE-2] a clean stop says 'offline' before the DISCONNECT discards the Will.
+        self._stopping = True
+        self.publish_state(conn, "offline", wait=True)
+        log.info("%s: offline", self.name)
+
+    # ---- publishing -------------------------------------------------------------------
+
+    def announce(self, conn: Connection) -> None:
+        caps = capabilities(self.node_id, self._session, self.probe, self.host, self.labels)
+        conn.publish_wait(self.topics.node_caps(self.node_id), codec.encode(caps), retain=True)
+
+    def publish_state(self, conn: Connection, state: m.NodeStateName, wait: bool = False) -> None:
+        msg = m.NodeState(node=self.node_id, state=state, session=self._session, ts=time.time())
+        topic, payload = self.topics.node_state(self.node_id), codec.encode(msg)
+        if wait:
+            conn.publish_wait(topic, payload, retain=True)
+        else:
+            conn.publish(topic, payload, retain=True)
+
+    # ---- incoming (network thread) -------------------------------------------------
+
+    def on_message(self, message: Message) -> None:
+        try:
+            ref = self.topics.parse(message.topic)
+        except ValueError as e:
+            log.warning("%s: ignoring message: %s", self.name, e)
+            return
+        conn = self._conn
+        if conn is None:
+            return
+        if ref.kind is Kind.NODE_CMD:
+            self.commands.handle(conn, message)
+        elif ref.kind is Kind.NODE_STATE:
+            self._check_own_state(conn, message)
+
+    def _check_own_state(self, conn: Connection, message: Message) -> None:
+        """Re-assert 'online' when a stale Will (or a wrong 'lost') overwrote our state."""
+        if not message.payload:
+            state = None
+        else:
+            try:
+                state = codec.decode_as(m.NodeState, message.payload)
+            except ProtocolError as e:
+                log.warning("%s: unreadable state on own topic (%s); re-asserting", self.name, e)
+                state = None
+        if self._stopping:
+            return
+        if state is not None and state.state == "online":
+            if state.session > self._session:
+                log.warning(
+                    "%s: another process claims this node id (session %d, ours %d)",
+                    self.name,
+                    state.session,
+                    self._session,
+                )
+            return
+        if state is not None and state.session > self._session:
+            return  # a newer session of this id ended; not ours to contradict
+        if state is not None:
+            log.info(
+                "%s: state '%s' of session %d (by %s) overwrote ours (%d); re-asserting online",
+                self.name,
+                state.state,
+                state.session,
+                state.by,
+                self._session,
+            )
+        self.publish_state(conn, "online")

@@ -1,0 +1,75 @@
+"""`mqinfer node`: run the edge agent on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+
+from mqinfer import options, session
+from node.agent import NodeAgent
+from node.capabilities import probe_host, probe_runtimes
+from protocol.topics import TopicError, check_id, node_id_from_hostname
+
+log = logging.getLogger("mqinfer.node")
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "node",
+        help="run an edge node: announce capabilities, heartbeat, take commands",
+        description="Run an edge node. It probes this machine (CPU, memory, runtimes, "
+        "Edge TPU, GPUs), publishes a retained capability announcement and 'online' state, "
+        "heartbeats, and reconnects by itself. SIGINT/SIGTERM publish 'offline' and exit.",
+    )
+    p.add_argument(
+        "--id",
+        default=options.env("NODE_ID", node_id_from_hostname(socket.gethostname())),
+        help="node id: 1-64 of A-Z a-z 0-9 _ - . (env MQINFER_NODE_ID; default: hostname)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=float(options.env("HEARTBEAT", "5")),
+        help="seconds between heartbeats (env MQINFER_HEARTBEAT; default %(default)s)",
+    )
+    p.add_argument(
+        "--label",
+        type=_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label placement constraints can match; repeatable",
+    )
+    options.add_common(p)
+    p.set_defaults(func=run, parser=p)
+
+
+def run(args: argparse.Namespace) -> int:
+    url, topics = options.resolve(args.parser, args)
+    try:
+        node_id = check_id(args.id, "node id")
+    except TopicError as e:
+        args.parser.error(f"--id: {e}")
+    if args.heartbeat <= 0:
+        args.parser.error("--heartbeat: expected a number of seconds > 0")
+    host = probe_host()
+    probe = probe_runtimes()
+    log.info(
+        "node %s: %s, %d cores; runtimes %s; accelerators %s",
+        node_id,
+        host.arch,
+        host.cores,
+        ", ".join(f"{k} {r.version}" for k, r in probe.runtimes.items()) or "none",
+        ", ".join(a.kind for a in probe.accelerators),
+    )
+    agent = NodeAgent(node_id, topics, probe, host, args.heartbeat, dict(args.label))
+    stop = options.stop_on_signals()
+    return session.run(agent, url, stop, protocol=args.mqtt_version)

@@ -1,0 +1,194 @@
+"""What users see with the real client tools and the mqinfer commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import orjson
+
+from protocol.topics import Topics
+from tests.integration.harness import (
+    Broker,
+    Observer,
+    Procs,
+    need_client_tool,
+    need_mosquitto,
+    wait_for,
+)
+from tests.integration.test_discovery import status_json
+
+
+def test_mosquitto_sub_shows_announcements_as_readable_json(
+    broker: Broker, prefix: str, procs: Procs, observer: Observer
+) -> None:
+    """[T-PAY-1] anyone can read the node tree with mosquitto_sub -v."""
+    procs.node(broker, prefix, "alpha")
+    t = Topics(prefix)
+    wait_for(lambda: observer.json(t.node_heartbeat("alpha")), "alpha's first heartbeat")
+    out = subprocess.run(
+        [need_client_tool("mosquitto_sub"), "-h", "127.0.0.1", "-p", str(broker.port),
+         "-t", f"{prefix}/nodes/#", "-v", "-C", "3", "-W", "20", "--retained-only"],
+        capture_output=True, timeout=60, text=True, check=True,
+    )
+    seen = {}
+    for line in out.stdout.splitlines():
+        topic, _, payload = line.partition(" ")
+        seen[topic] = orjson.loads(payload)
+    assert set(seen) == {t.node_caps("alpha"), t.node_state("alpha"), t.node_heartbeat("alpha")}
+    assert seen[t.node_state("alpha")]["state"] == "online"
+    assert seen[t.node_caps("alpha")]["node"] == "alpha"
+    assert seen[t.node_caps("alpha")]["accelerators"][0]["kind"] == "cpu"
+
+
+def test_status_works_without_a_coordinator(broker: Broker, prefix: str, procs: Procs) -> None:
+    """[T-STATUS-1] status reads the retained state itself."""
+    procs.node(broker, prefix, "alpha")
+    view = wait_for(
+        lambda: (v := status_json(broker, prefix))["nodes"] and v["nodes"][0]["state"] == "online"
+        and v,
+        "alpha in status",
+    )
+    assert view["coordinator"] is None
+    assert view["nodes"][0]["id"] == "alpha"
+    text = subprocess.run(
+        [sys.executable, "-m", "mqinfer", "status", "--broker", broker.url, "--prefix", prefix],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    assert "alpha" in text and "online" in text and "coordinator: none seen" in text
+
+
+def test_service_spec_and_status_show_in_status(broker: Broker, prefix: str) -> None:
+    """Retained service specs/status published by hand appear in `mqinfer status --json`."""
+    t = Topics(prefix)
+    pub = need_client_tool("mosquitto_pub")
+    spec = {"v": 1, "name": "digits", "model": "models/digits.tflite", "replicas": 2}
+    status = {"v": 1, "name": "digits", "state": "ready",
+              "replicas": [{"node": "alpha", "state": "ready"}]}
+    for topic, payload in ((t.service_spec("digits"), spec), (t.service_status("digits"), status)):
+        subprocess.run([pub, "-h", "127.0.0.1", "-p", str(broker.port), "-t", topic, "-r",
+                        "-q", "1", "-m", orjson.dumps(payload).decode()], check=True, timeout=30)
+    view = status_json(broker, prefix)
+    assert view["services"] == [{
+        "name": "digits", "spec": {**spec, "constraints": {}}, "state": "ready", "reason": None,
+        "replicas": [{"node": "alpha", "state": "ready"}],
+    }]
+
+
+def test_commands_get_exactly_one_reply(
+    broker: Broker, prefix: str, procs: Procs, observer: Observer
+) -> None:
+    """[T-CMD-1] [T-CMD-2] known ops answer ok; unknown or malformed ones get an error code."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    procs.node(broker, prefix, "alpha")
+    t = Topics(prefix)
+    wait_for(lambda: observer.json(t.node_heartbeat("alpha")), "alpha online")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    cmds = {
+        "p1": orjson.dumps({"v": 1, "id": "p1", "op": "ping"}),
+        "u1": orjson.dumps({"v": 1, "id": "u1", "op": "fly"}),
+        "b1": orjson.dumps({"v": 1, "id": "b1", "op": 42}),
+    }
+    for payload in [*cmds.values(), b"\xff not json"]:
+        client.publish(t.node_cmd("alpha"), payload, qos=1).wait_for_publish(10)
+    client.loop_stop()
+    client.disconnect()
+    replies = wait_for(lambda: len(r := observer.seen(t.node_reply("alpha"))) >= 4 and r,
+                       "four replies")
+    by_id = {r.get("id"): r for r in replies}
+    assert len(replies) == 4
+    assert by_id["p1"]["ok"] is True and "pong" in by_id["p1"]["result"]
+    assert by_id["u1"]["error"]["code"] == "unknown_command"
+    assert "ping" in by_id["u1"]["error"]["message"]
+    assert by_id["b1"]["error"]["code"] == "bad_message"
+    assert by_id[None]["error"]["code"] == "bad_encoding"
+
+
+def test_refused_credentials_exit_nonzero(tmp_path: Path, procs: Procs) -> None:
+    """A wrong password is fatal: exit status 3 and a message that says why."""
+    from broker.ports import free_port
+    from tests.integration.harness import derived_mosquitto_conf
+
+    need_mosquitto()
+    passwd_tool = need_client_tool("mosquitto_passwd")
+    port = free_port()
+    pw = tmp_path / "passwd"
+    subprocess.run([passwd_tool, "-b", "-c", str(pw), "edge", "right"], check=True, timeout=30)
+    conf = derived_mosquitto_conf(port, tmp_path).replace("allow_anonymous true", "")
+    conf += f"allow_anonymous false\npassword_file {pw}\n"
+    b = Broker("mosquitto", port, tmp_path)
+    (tmp_path / "custom.conf").write_text(conf)
+    b._command = lambda: [need_mosquitto(), "-c", str(tmp_path / "custom.conf")]  # type: ignore[method-assign]
+    b.start()
+    try:
+        prefix = f"t{uuid.uuid4().hex[:8]}"
+        bad = procs.start("bad", "node", "--broker", f"mqtt://edge:wrong@127.0.0.1:{port}",
+                          "--prefix", prefix, "--id", "alpha")
+        assert bad.proc.wait(60) == 3
+        assert "Bad user name or password" in bad.log() or "Not authorized" in bad.log()
+        good = procs.start("good", "node", "--broker", f"mqtt://edge:right@127.0.0.1:{port}",
+                           "--prefix", prefix, "--id", "alpha", "--heartbeat", "0.5")
+        b2 = Broker("mosquitto", port, tmp_path)
+        view = wait_for(
+            lambda: (v := _status_with_auth(b2, prefix)) and v["nodes"] and v, "good node seen"
+        )
+        assert view["nodes"][0]["state"] == "online"
+        assert good.terminate() == 0
+    finally:
+        b.stop()
+
+
+def _status_with_auth(b: Broker, prefix: str) -> dict[str, object] | None:
+    out = subprocess.run(
+        [sys.executable, "-m", "mqinfer", "status", "--json", "--prefix", prefix,
+         "--broker", f"mqtt://edge:right@127.0.0.1:{b.port}"],
+        capture_output=True, timeout=60,
+    )
+    return orjson.loads(out.stdout) if out.returncode == 0 else None
+
+
+def test_coordinator_cli_runs_and_stops_cleanly(
+    broker: Broker, prefix: str, procs: Procs, observer: Observer
+) -> None:
+    """`mqinfer coordinator` announces itself retained and says 'offline' on SIGTERM."""
+    c = procs.start("coordinator", "coordinator", "--broker", broker.url, "--prefix", prefix,
+                    "--id", "main")
+    t = Topics(prefix)
+    wait_for(lambda: (observer.json(t.coordinator_state()) or {}).get("state") == "online",
+             "coordinator online")
+    assert c.terminate() == 0
+    wait_for(lambda: (observer.json(t.coordinator_state()) or {}).get("state") == "offline",
+             "coordinator offline")
+
+
+def test_coordinator_will_marks_it_lost(
+    broker: Broker, prefix: str, procs: Procs, observer: Observer
+) -> None:
+    c = procs.start("coordinator", "coordinator", "--broker", broker.url, "--prefix", prefix)
+    t = Topics(prefix)
+    wait_for(lambda: (observer.json(t.coordinator_state()) or {}).get("state") == "online",
+             "coordinator online")
+    c.kill9()
+    wait_for(lambda: (observer.json(t.coordinator_state()) or {}).get("state") == "lost",
+             "coordinator lost by its Will")
+
+
+def test_mosquitto_config_keeps_retained_messages_across_restart(mosquitto: Broker) -> None:
+    """The shipped config has persistence on: retained state survives a broker restart."""
+    pub, sub = need_client_tool("mosquitto_pub"), need_client_tool("mosquitto_sub")
+    topic = f"t{uuid.uuid4().hex[:8]}/mqinfer/nodes/alpha/state"
+    payload = '{"v":1,"node":"alpha","state":"online","session":7}'
+    subprocess.run([pub, "-p", str(mosquitto.port), "-t", topic, "-r", "-q", "1", "-m", payload],
+                   check=True, timeout=30)
+    mosquitto.restart()
+    out = subprocess.run(
+        [sub, "-p", str(mosquitto.port), "-t", topic, "-C", "1", "-W", "10", "--retained-only"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    assert out.stdout.strip() == payload

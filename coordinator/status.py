@@ -116,7 +116,7 @@ def as_text(view: dict[str, Any]) -> str:
     rows = [["NODE", "STATE", "ACCELERATORS", "RUNTIMES", "CORES", "MEM FREE", "HEARTBEAT"]]
     for n in view["nodes"]:
         age = n["heartbeat_age_s"]
-        state = n["state"] + (f" ({n['reason']})" if n["state"] == "lost" and n["reason"] else "")
+        state = n["state"] + (f": {n['reason']}" if n["state"] == "lost" and n["reason"] else "")
         state += " (stale)" if n["stale"] else ""
         rows.append(
             [

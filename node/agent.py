@@ -65,7 +65,7 @@ class NodeAgent:
     def start(self, conn: Connection, session: int) -> None:
         with self._lock:
             self._conn, self._session, self._seq = conn, session, 0
-        # [T-NODE-1] subscribe before birth, so no command sent after 'online' is missed.
+        # [T-CMD-1] subscribe before birth, so no command sent after "online" is missed.
         conn.subscribe(
             [(self.topics.node_cmd(self.node_id), 1), (self.topics.node_state(self.node_id), 1)]
         )

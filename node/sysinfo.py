@@ -104,7 +104,7 @@ def load_average() -> tuple[float, float, float]:
         one, five, fifteen = os.getloadavg()
     except (AttributeError, OSError):
         return 0.0, 0.0, 0.0
-    return one, five, fifteen
+    return round(one, 2), round(five, 2), round(fifteen, 2)
 
 
 def cpu_count() -> int:

@@ -78,8 +78,13 @@ def need_client_tool(name: str) -> str:
     return found
 
 
-def derived_mosquitto_conf(port: int, data_dir: Path) -> str:
-    """The shipped config, with the listener, persistence path and logging made local."""
+def derived_mosquitto_conf(
+    port: int, data_dir: Path, passwd: Path | None = None, acl: Path | None = None
+) -> str:
+    """The shipped config, with the listener, persistence path and logging made local.
+
+    With `passwd` (and `acl`), authentication is on as the config's comments describe.
+    """
     replaced = (
         "listener",
         "persistence_location",
@@ -101,13 +106,17 @@ def derived_mosquitto_conf(port: int, data_dir: Path) -> str:
         # Started as root, Mosquitto would drop to the 'mosquitto' user, which cannot read
         # the test's private temporary folders; as anyone else this line is ignored.
         f"user {pwd.getpwuid(os.geteuid()).pw_name}",
-        "allow_anonymous true",
+        f"allow_anonymous {'false' if passwd else 'true'}",
         f"persistence_location {data_dir}/",
         "log_dest stderr",
         "log_type error",
         "log_type warning",
         "log_type notice",
     ]
+    if passwd is not None:
+        kept.append(f"password_file {passwd}")
+    if acl is not None:
+        kept.append(f"acl_file {acl}")
     return "\n".join(kept) + "\n"
 
 
@@ -125,6 +134,8 @@ class Broker:
     port: int
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
+    passwd: Path | None = None  # Mosquitto only: password file (authentication on)
+    acl: Path | None = None  # Mosquitto only: ACL file
 
     @property
     def url(self) -> str:
@@ -134,10 +145,13 @@ class Broker:
     def broker_url(self) -> BrokerURL:
         return BrokerURL.parse(self.url)
 
+    def url_as(self, user: str, password: str) -> str:
+        return f"mqtt://{user}:{password}@127.0.0.1:{self.port}"
+
     def _command(self) -> list[str]:
         if self.kind == "mosquitto":
             conf = self.workdir / "mosquitto.conf"
-            conf.write_text(derived_mosquitto_conf(self.port, self.workdir))
+            conf.write_text(derived_mosquitto_conf(self.port, self.workdir, self.passwd, self.acl))
             return [need_mosquitto(), "-c", str(conf)]
         return [sys.executable, "-m", "mqinfer", "broker", "--port", str(self.port)]
 

@@ -27,9 +27,9 @@ from tests.integration.harness import (
 )
 
 
-def status_json(broker: Broker, prefix: str) -> dict[str, Any]:
+def status_json(broker: Broker, prefix: str, url: str | None = None) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-m", "mqinfer", "status", "--json", "--broker", broker.url,
+        [sys.executable, "-m", "mqinfer", "status", "--json", "--broker", url or broker.url,
          "--prefix", prefix],
         capture_output=True, timeout=60, check=True,
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import orjson
 
+from broker.ports import free_port
 from protocol.topics import Topics
 from tests.integration.harness import (
     Broker,
@@ -86,7 +87,9 @@ def test_commands_get_exactly_one_reply(
 
     procs.node(broker, prefix, "alpha")
     t = Topics(prefix)
-    wait_for(lambda: observer.json(t.node_heartbeat("alpha")), "alpha online")
+    # Commands sent the moment 'online' is seen are not missed: the node subscribed first.
+    wait_for(lambda: (observer.json(t.node_state("alpha")) or {}).get("state") == "online",
+             "alpha online")
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
@@ -112,45 +115,28 @@ def test_commands_get_exactly_one_reply(
 
 def test_refused_credentials_exit_nonzero(tmp_path: Path, procs: Procs) -> None:
     """A wrong password is fatal: exit status 3 and a message that says why."""
-    from broker.ports import free_port
-    from tests.integration.harness import derived_mosquitto_conf
-
     need_mosquitto()
-    passwd_tool = need_client_tool("mosquitto_passwd")
-    port = free_port()
     pw = tmp_path / "passwd"
-    subprocess.run([passwd_tool, "-b", "-c", str(pw), "edge", "right"], check=True, timeout=30)
-    conf = derived_mosquitto_conf(port, tmp_path).replace("allow_anonymous true", "")
-    conf += f"allow_anonymous false\npassword_file {pw}\n"
-    b = Broker("mosquitto", port, tmp_path)
-    (tmp_path / "custom.conf").write_text(conf)
-    b._command = lambda: [need_mosquitto(), "-c", str(tmp_path / "custom.conf")]  # type: ignore[method-assign]
+    subprocess.run([need_client_tool("mosquitto_passwd"), "-b", "-c", str(pw), "edge", "right"],
+                   check=True, timeout=30)
+    b = Broker("mosquitto", free_port(), tmp_path, passwd=pw)
     b.start()
     try:
         prefix = f"t{uuid.uuid4().hex[:8]}"
-        bad = procs.start("bad", "node", "--broker", f"mqtt://edge:wrong@127.0.0.1:{port}",
+        bad = procs.start("bad", "node", "--broker", b.url_as("edge", "wrong"),
                           "--prefix", prefix, "--id", "alpha")
         assert bad.proc.wait(60) == 3
         assert "Bad user name or password" in bad.log() or "Not authorized" in bad.log()
-        good = procs.start("good", "node", "--broker", f"mqtt://edge:right@127.0.0.1:{port}",
+        good = procs.start("good", "node", "--broker", b.url_as("edge", "right"),
                            "--prefix", prefix, "--id", "alpha", "--heartbeat", "0.5")
-        b2 = Broker("mosquitto", port, tmp_path)
         view = wait_for(
-            lambda: (v := _status_with_auth(b2, prefix)) and v["nodes"] and v, "good node seen"
+            lambda: (v := status_json(b, prefix, b.url_as("edge", "right")))["nodes"] and v,
+            "good node seen",
         )
         assert view["nodes"][0]["state"] == "online"
         assert good.terminate() == 0
     finally:
         b.stop()
-
-
-def _status_with_auth(b: Broker, prefix: str) -> dict[str, object] | None:
-    out = subprocess.run(
-        [sys.executable, "-m", "mqinfer", "status", "--json", "--prefix", prefix,
-         "--broker", f"mqtt://edge:right@127.0.0.1:{b.port}"],
-        capture_output=True, timeout=60,
-    )
-    return orjson.loads(out.stdout) if out.returncode == 0 else None
 
 
 def test_coordinator_cli_runs_and_stops_cleanly(

@@ -1,0 +1,1 @@
+"""Embedded MQTT broker for demos and single hosts (production deployments use Mosquitto)."""

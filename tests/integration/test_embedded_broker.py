@@ -1,0 +1,206 @@
+"""The embedded broker (`mqinfer broker`) as a real subprocess, driven by paho-mqtt clients."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from broker.ports import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WAIT = 10.0  # upper bound for every wait; nothing asserts on timing
+
+
+def ready_line(port: int) -> str:
+    return f"mqinfer broker: listening on mqtt://127.0.0.1:{port} (embedded amqtt, MQTT 3.1.1 only)"
+
+
+def broker_cmd(port: int) -> list[str]:
+    return [sys.executable, "-m", "mqinfer", "broker", "--port", str(port)]
+
+
+def broker_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MQINFER_BROKER_")}
+
+
+@dataclass
+class BrokerProcess:
+    port: int
+    proc: subprocess.Popen[str]
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    err: list[str] = field(default_factory=list)
+    pumps: list[threading.Thread] = field(default_factory=list)
+
+    def stderr_after_exit(self) -> str:
+        """All of stderr; call once the process has exited."""
+        for pump in self.pumps:
+            pump.join(timeout=WAIT)
+        return "".join(self.err)
+
+    def wait_ready(self) -> str:
+        """Return the first stdout line, waiting at most WAIT seconds."""
+        try:
+            return self.lines.get(timeout=WAIT)
+        except queue.Empty:
+            self.proc.kill()
+            self.proc.wait(timeout=WAIT)
+            err = self.stderr_after_exit()
+            pytest.fail(f"broker printed nothing within {WAIT}s; stderr:\n{err}")
+
+
+def _pump(stream: Any, sink: Callable[[str], object]) -> None:
+    for line in stream:
+        sink(line)
+
+
+@pytest.fixture
+def start_broker() -> Iterator[Callable[[int], BrokerProcess]]:
+    """Start `mqinfer broker --port N` subprocesses; all are killed at teardown."""
+    started: list[BrokerProcess] = []
+
+    def start(port: int) -> BrokerProcess:
+        proc = subprocess.Popen(
+            broker_cmd(port),
+            cwd=REPO_ROOT,
+            env=broker_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        bp = BrokerProcess(port, proc)
+        sinks: list[tuple[Any, Callable[[str], object]]] = [
+            (proc.stdout, lambda line: bp.lines.put(line.rstrip("\n"))),
+            (proc.stderr, bp.err.append),
+        ]
+        for stream, sink in sinks:
+            pump = threading.Thread(target=_pump, args=(stream, sink), daemon=True)
+            pump.start()
+            bp.pumps.append(pump)
+        started.append(bp)
+        return bp
+
+    yield start
+    for bp in started:
+        if bp.proc.poll() is None:
+            bp.proc.kill()
+        bp.proc.wait(timeout=WAIT)
+        bp.stderr_after_exit()
+
+
+@pytest.fixture
+def running_broker(start_broker: Callable[[int], BrokerProcess]) -> BrokerProcess:
+    bp = start_broker(free_port())
+    assert bp.wait_ready() == ready_line(bp.port)
+    return bp
+
+
+def mqtt_client(client_id: str, protocol: MQTTProtocolVersion) -> mqtt.Client:
+    return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+
+
+def connack(client: mqtt.Client, port: int) -> ReasonCode:
+    """Connect and return the CONNACK reason code, driving the network loop by hand
+    (so paho does not reconnect on its own)."""
+    results: list[ReasonCode] = []
+    client.on_connect = lambda _c, _u, _f, rc, _p: results.append(rc)
+    client.connect("127.0.0.1", port)
+    deadline = time.monotonic() + WAIT
+    while not results and time.monotonic() < deadline:
+        client.loop(timeout=0.1)
+    client.disconnect()
+    assert results, f"no CONNACK within {WAIT}s"
+    return results[0]
+
+
+def test_retained_qos1_message_reaches_a_later_subscriber(running_broker: BrokerProcess) -> None:
+    topic, payload = "mqinfer/nodes/edge-01/caps", b'{"cpu": 4}'
+
+    pub = mqtt_client("it-publisher", MQTTProtocolVersion.MQTTv311)
+    pub.connect("127.0.0.1", running_broker.port)
+    pub.loop_start()
+    try:
+        info = pub.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(timeout=WAIT)
+        assert info.is_published()
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+
+    received: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    sub = mqtt_client("it-subscriber", MQTTProtocolVersion.MQTTv311)
+    sub.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe("mqinfer/nodes/+/caps", qos=1)
+    sub.on_message = lambda _c, _u, msg: received.put(msg)
+    sub.connect("127.0.0.1", running_broker.port)
+    sub.loop_start()
+    try:
+        msg = received.get(timeout=WAIT)
+    finally:
+        sub.disconnect()
+        sub.loop_stop()
+
+    assert msg.topic == topic
+    assert msg.payload == payload
+    assert msg.retain is True
+    assert msg.qos == 1
+
+
+def test_second_broker_on_same_port_exits_2(running_broker: BrokerProcess) -> None:
+    second = subprocess.run(
+        broker_cmd(running_broker.port),
+        cwd=REPO_ROOT,
+        env=broker_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 2
+    assert second.stdout == ""
+    assert second.stderr.startswith("mqinfer broker: error: ")
+    assert f"port {running_broker.port} on 127.0.0.1 is already in use" in second.stderr
+    assert f"--broker mqtt://127.0.0.1:{running_broker.port}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert running_broker.proc.poll() is None  # the first one is unaffected
+
+
+def test_mqtt5_connect_is_refused(running_broker: BrokerProcess) -> None:
+    # amqtt answers an MQTT 5 CONNECT with a 3.1.1 CONNACK, return code 1
+    # (unacceptable protocol version), and closes; paho maps that to the
+    # MQTT 5 reason code 0x84 "Unsupported protocol version".
+    rc = connack(mqtt_client("it-mqtt5", MQTTProtocolVersion.MQTTv5), running_broker.port)
+    assert rc.is_failure
+    assert rc.value == 0x84
+    assert rc.getName() == "Unsupported protocol version"
+
+    # The broker keeps serving MQTT 3.1.1 clients afterwards.
+    ok = connack(mqtt_client("it-after-mqtt5", MQTTProtocolVersion.MQTTv311), running_broker.port)
+    assert ok.value == 0
+    assert running_broker.proc.poll() is None
+    assert "Traceback" not in "".join(running_broker.err)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_broker_cleanly(running_broker: BrokerProcess, sig: signal.Signals) -> None:
+    # A connected client must not keep the broker from stopping.
+    client = mqtt_client("it-connected", MQTTProtocolVersion.MQTTv311)
+    client.connect("127.0.0.1", running_broker.port)
+    client.loop_start()
+    try:
+        running_broker.proc.send_signal(sig)
+        assert running_broker.proc.wait(timeout=WAIT) == 0
+    finally:
+        client.loop_stop()
+    assert "Traceback" not in running_broker.stderr_after_exit()

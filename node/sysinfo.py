@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 _CPUINFO = "/proc/cpuinfo"
 _MEMINFO = "/proc/meminfo"
@@ -115,3 +116,17 @@ def cpu_count() -> int:
         except OSError:
             pass
     return os.cpu_count() or 1
+
+
+def read_text(path: Path) -> str:
+    """A small system file's text, stripped; '' when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (its type name when it has none)."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

@@ -40,6 +40,14 @@ def state_of(obs: Observer, prefix: str, node: str) -> dict[str, Any] | None:
     return obs.json(Topics(prefix).node_state(node))
 
 
+def observed(obs: Observer, prefix: str, node: str, state: str) -> dict[str, Any]:
+    """Wait until the observer's last retained state of `node` is `state`; return it."""
+    return wait_for(  # type: ignore[no-any-return]
+        lambda: (s := state_of(obs, prefix, node)) and s["state"] == state and s,
+        f"the observer to see {node} {state}",
+    )
+
+
 def test_two_nodes_online_with_real_capabilities(
     broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator
 ) -> None:
@@ -83,10 +91,9 @@ def test_kill9_marks_node_lost_other_stays_online(
 
     a.kill9()
     wait_for(lambda: coordinator.state("alpha") == "lost", "alpha lost")
-    state = state_of(observer, prefix, "alpha")
-    assert state is not None and state["state"] == "lost" and state["by"] == "will"
+    assert observed(observer, prefix, "alpha", "lost")["by"] == "will"
     assert coordinator.state("beta") == "online"
-    assert state_of(observer, prefix, "beta")["state"] == "online"  # type: ignore[index]
+    observed(observer, prefix, "beta", "online")
 
 
 def test_restarted_node_is_online_and_late_will_is_ignored(
@@ -95,7 +102,7 @@ def test_restarted_node_is_online_and_late_will_is_ignored(
     """[T-STATE-3] a Will from an old session arriving after the new one does not mark it lost."""
     old = procs.node(broker, prefix, "alpha")
     wait_for(lambda: coordinator.state("alpha") == "online", "alpha online")
-    old_session = state_of(observer, prefix, "alpha")["session"]  # type: ignore[index]
+    old_session = observed(observer, prefix, "alpha", "online")["session"]
 
     # The old process hangs (its TCP connection stays open), a new one takes the id.
     old.signal(signal.SIGSTOP)
@@ -114,13 +121,16 @@ def test_restarted_node_is_online_and_late_will_is_ignored(
         "the old session's Will",
     )
     # The node re-asserts its own state over the stale Will; the coordinator never wavered.
-    wait_for(lambda: (state_of(observer, prefix, "alpha") or {}).get("session") == new_session
-             and state_of(observer, prefix, "alpha")["state"] == "online",  # type: ignore[index]
-             "retained state back to the new session's online")
+    wait_for(
+        lambda: (s := state_of(observer, prefix, "alpha")) and s["state"] == "online"
+        and s["session"] == new_session,
+        "retained state back to the new session's online",
+    )
+    wait_for(lambda: any("old session" in why for why in registry.ignored),
+             "the coordinator to ignore the late Will")
     assert coordinator.state("alpha") == "online"
     assert registry.nodes["alpha"].session == new_session
     assert not [c for c in coordinator.agent.changes if c.node == "alpha" and c.new == "lost"]
-    assert any("old session" in why for why in registry.ignored)
 
 
 def test_node_restart_after_kill_comes_back_online(
@@ -137,23 +147,29 @@ def test_node_restart_after_kill_comes_back_online(
 
 
 def test_heartbeat_timeout_marks_lost_and_node_recovers(
-    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
+    broker: Broker, prefix: str, procs: Procs, observer: Observer
 ) -> None:
     """[T-COORD-1] silence past missed-beats x interval is 'lost', published retained."""
+    coordinator = start_coordinator(broker, prefix, missed_beats=3)
+    try:
+        _timeout_and_recovery(coordinator, broker, prefix, procs, observer)
+    finally:
+        coordinator.shutdown()
+
+
+def _timeout_and_recovery(
+    coordinator: InProcessCoordinator, broker: Broker, prefix: str, procs: Procs, observer: Observer
+) -> None:
     a = procs.node(broker, prefix, "alpha")
     wait_for(lambda: coordinator.state("alpha") == "online", "alpha online")
     a.signal(signal.SIGSTOP)  # connection open, heartbeats stopped
     wait_for(lambda: coordinator.state("alpha") == "lost", "alpha lost by timeout")
-    state = wait_for(
-        lambda: (s := state_of(observer, prefix, "alpha")) and s["state"] == "lost" and s,
-        "retained lost",
-    )
+    state = observed(observer, prefix, "alpha", "lost")
     assert state["by"] == "coordinator"
     assert "no heartbeat" in state["reason"]
     a.signal(signal.SIGCONT)
     wait_for(lambda: coordinator.state("alpha") == "online", "alpha online after it resumed")
-    wait_for(lambda: state_of(observer, prefix, "alpha")["state"] == "online",  # type: ignore[index]
-             "retained online re-asserted by the node")
+    observed(observer, prefix, "alpha", "online")  # re-asserted by the node
 
 
 def test_clean_shutdown_publishes_offline(
@@ -164,8 +180,7 @@ def test_clean_shutdown_publishes_offline(
     wait_for(lambda: coordinator.state("alpha") == "online", "alpha online")
     assert a.terminate() == 0
     wait_for(lambda: coordinator.state("alpha") == "offline", "alpha offline")
-    state = state_of(observer, prefix, "alpha")
-    assert state is not None and state["state"] == "offline" and state["by"] == "node"
+    assert observed(observer, prefix, "alpha", "offline")["by"] == "node"
     topic = Topics(prefix).node_state("alpha")
     assert not [s for s in observer.seen(topic) if s["state"] == "lost"]
 

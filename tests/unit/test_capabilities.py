@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from node import capabilities as caps
-from node import sysinfo
+from node import edgetpu, gpus, sysinfo
 from protocol.messages import Capabilities, Runtime
 
 GPU_PROVIDERS = {
@@ -168,13 +168,13 @@ def test_exactly_one_cpu_on_the_first_runtime(probe: caps.Probe) -> None:
 
 
 @pytest.mark.skipif(
-    library_loads(caps.EDGETPU_LIBRARY), reason=f"{caps.EDGETPU_LIBRARY} is installed here"
+    library_loads(edgetpu.EDGETPU_LIBRARY), reason=f"{edgetpu.EDGETPU_LIBRARY} is installed here"
 )
 def test_no_edgetpu_without_libedgetpu(probe: caps.Probe) -> None:
     assert not [a for a in probe.accelerators if a.kind == "edgetpu"]
     assert "edgetpu_tflite" not in probe.formats
-    assert caps.EDGETPU_LIBRARY in probe.absent["edgetpu"]
-    assert caps.EDGETPU_LIBRARY == "libedgetpu.so.1" or platform.system() != "Linux"
+    assert edgetpu.EDGETPU_LIBRARY in probe.absent["edgetpu"]
+    assert edgetpu.EDGETPU_LIBRARY == "libedgetpu.so.1" or platform.system() != "Linux"
 
 
 def test_gpus_only_with_a_gpu_provider(probe: caps.Probe) -> None:
@@ -193,7 +193,7 @@ def test_azure_provider_is_not_a_device(probe: caps.Probe) -> None:
 
 def test_nothing_invented_on_a_plain_machine(probe: caps.Probe) -> None:
     plain = (
-        not library_loads(caps.EDGETPU_LIBRARY)
+        not library_loads(edgetpu.EDGETPU_LIBRARY)
         and not Path("/proc/driver/nvidia/gpus").exists()
         and not Path("/dev/kfd").exists()
         and not {"OpenVINOExecutionProvider", "CoreMLExecutionProvider", "QNNExecutionProvider"}
@@ -260,7 +260,7 @@ class Leaky:
 def test_quiet_teardown_drops_only_the_delegate_noise(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[Any] = []
     monkeypatch.setattr(sys, "unraisablehook", lambda args: seen.append(args.exc_type))
-    with caps.quiet_delegate_teardown():
+    with edgetpu.quiet_delegate_teardown():
         d = Delegate()
         del d
         leak = Leaky()
@@ -304,18 +304,18 @@ def test_no_runtime_at_all_still_lists_the_cpu(monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.skipif(
-    library_loads(caps.EDGETPU_LIBRARY), reason=f"{caps.EDGETPU_LIBRARY} is installed here"
+    library_loads(edgetpu.EDGETPU_LIBRARY), reason=f"{edgetpu.EDGETPU_LIBRARY} is installed here"
 )
 def test_usb_edgetpu_without_library_is_not_an_accelerator(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     usb = {"type": "usb", "path": "/sys/bus/usb/devices/2-1", "id": "1a6e:089a"}
-    monkeypatch.setattr(caps, "edgetpu_hardware", lambda: [usb])
+    monkeypatch.setattr(edgetpu, "edgetpu_hardware", lambda: [usb])
     probe = caps.probe_runtimes()
     assert not [a for a in probe.accelerators if a.kind == "edgetpu"]
     reason = probe.absent["edgetpu"]
     assert reason.startswith("USB Edge TPU (1a6e:089a at /sys/bus/usb/devices/2-1) present but")
-    assert f"{caps.EDGETPU_LIBRARY} not loadable" in reason
+    assert f"{edgetpu.EDGETPU_LIBRARY} not loadable" in reason
 
 
 @pytest.mark.skipif(
@@ -331,7 +331,7 @@ def test_cuda_provider_without_a_device_is_absent() -> None:
     )
     import onnxruntime
 
-    found, absent = caps._onnx_accelerators(onnxruntime, runtime)
+    found, absent = gpus.onnx_accelerators(onnxruntime, runtime)
     assert found == []
     assert "CUDAExecutionProvider built in but" in absent["gpu"]
     assert "libcuda.so.1 not loadable" in absent["gpu"]
@@ -346,5 +346,5 @@ def test_openvino_provider_maps_to_openvino() -> None:
     )
     import onnxruntime
 
-    found, _ = caps._onnx_accelerators(onnxruntime, runtime)
+    found, _ = gpus.onnx_accelerators(onnxruntime, runtime)
     assert [(a.kind, a.runtime) for a in found] == [("openvino", "onnxruntime")]

@@ -17,7 +17,7 @@ from mqinfer.client import Connection, Message, NotConnected, Will
 from protocol import codec
 from protocol import messages as m
 from protocol.errors import ProtocolError
-from protocol.topics import Kind, TopicError, Topics
+from protocol.topics import Kind, Ref, TopicError, Topics
 
 log = logging.getLogger("mqinfer.coordinator")
 
@@ -37,13 +37,15 @@ def subscriptions(topics: Topics) -> list[tuple[str, int]]:
     return subs
 
 
-def read(topics: Topics, registry: Registry, message: Message, now: float) -> list[Change]:
+def read(
+    topics: Topics, registry: Registry, message: Message, now: float
+) -> tuple[Ref, list[Change]]:
     """Decode and apply one message; raise ProtocolError/TopicError when it is malformed."""
     ref = topics.parse(message.topic)
     if ref.kind is Kind.NODE_REPLY:
-        return []
+        return ref, []
     msg = codec.decode_for(ref, message.payload) if message.payload else None
-    return registry.apply(ref, msg, now, message.retain)
+    return ref, registry.apply(ref, msg, now, message.retain)
 
 
 class CoordinatorAgent:
@@ -84,7 +86,7 @@ class CoordinatorAgent:
         now = time.monotonic()
         try:
             with self._lock:
-                changes = read(self.topics, self.registry, message, now)
+                ref, changes = read(self.topics, self.registry, message, now)
         except (ProtocolError, TopicError) as e:
             # [T-COORD-3] malformed input is logged with the reason and ignored.
             log.warning("ignored message on %s: %s", message.topic, e)
@@ -92,14 +94,12 @@ class CoordinatorAgent:
         for change in changes:
             self.changes.append(change)
             log.info("node %s: %s -> %s (%s)", change.node, change.old, change.new, change.reason)
-        self._ask_for_caps(message)
+        if not message.retain and ref.node is not None:
+            self._ask_for_caps(ref.node)
 
-    def _ask_for_caps(self, message: Message) -> None:
+    def _ask_for_caps(self, node: str) -> None:
         """A live node we have no caps for is asked to announce again (once per session)."""
-        if message.retain:
-            return
-        ref = self.topics.parse(message.topic)
-        rec = self.registry.nodes.get(ref.node or "")
+        rec = self.registry.nodes.get(node)
         conn = self._conn
         if rec is None or rec.caps is not None or rec.state != "online" or conn is None:
             return

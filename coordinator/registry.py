@@ -78,6 +78,8 @@ class Registry:
         if msg is None:
             if ref.kind is Kind.NODE_STATE:  # clearing the state forgets the node
                 self.nodes.pop(ref.node, None)
+            elif ref.kind is Kind.NODE_CAPS and ref.node in self.nodes:
+                self.nodes[ref.node].caps = None
             return []
         rec = self._node(ref.node)
         if isinstance(msg, m.NodeState):

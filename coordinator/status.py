@@ -32,7 +32,7 @@ def collect(
         with lock:
             last[0] = time.monotonic()
             try:
-                read(topics, registry, message, last[0])
+                read(topics, registry, message, last[0])  # (ref, changes) unused here
             except (ProtocolError, TopicError) as e:
                 log.warning("ignored message on %s: %s", message.topic, e)
 

@@ -349,6 +349,8 @@ class Connection:
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 10.0
     ) -> None:
         """Publish and wait until the broker has it (PUBACK for QoS 1)."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("publish_wait in a message handler would wait for itself")
         info = self.publish(topic, payload, qos=qos, retain=retain)
         waited = 0.0
         while not info.is_published():

@@ -104,9 +104,14 @@ class NodeAgent:
 
     # ---- publishing -------------------------------------------------------------------
 
-    def announce(self, conn: Connection) -> None:
+    def announce(self, conn: Connection, wait: bool = True) -> None:
+        """Publish the retained caps; `wait` for the PUBACK only off the network thread."""
         caps = capabilities(self.node_id, self._session, self.probe, self.host, self.labels)
-        conn.publish_wait(self.topics.node_caps(self.node_id), codec.encode(caps), retain=True)
+        topic, payload = self.topics.node_caps(self.node_id), codec.encode(caps)
+        if wait:
+            conn.publish_wait(topic, payload, retain=True)
+        else:
+            conn.publish(topic, payload, retain=True)
 
     def publish_state(self, conn: Connection, state: m.NodeStateName, wait: bool = False) -> None:
         msg = m.NodeState(node=self.node_id, state=state, session=self._session, ts=time.time())

@@ -26,7 +26,7 @@ def _ping(agent: NodeAgent, _conn: Connection, cmd: m.Command) -> dict[str, Any]
 
 def _announce(agent: NodeAgent, conn: Connection, _cmd: m.Command) -> dict[str, Any]:
     """Re-publish caps and state (the coordinator asks when it has a gap)."""
-    agent.announce(conn)
+    agent.announce(conn, wait=False)  # on the network thread: it cannot wait for its own PUBACK
     agent.publish_state(conn, "online")
     return {"session": agent.session}
 
@@ -35,6 +35,9 @@ OPS: dict[str, Handler] = {"ping": _ping, "announce": _announce}
 
 
 class CommandHandler:
+    """Runs on the MQTT network thread: operations must be quick and must not wait on the
+    broker (a PUBACK is read by this same thread)."""
+
     def __init__(self, agent: NodeAgent) -> None:
         self.agent = agent
 

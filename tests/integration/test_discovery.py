@@ -282,3 +282,29 @@ def test_malformed_messages_are_logged_and_ignored(
     # Still working: a new node is registered after all that.
     procs.node(broker, prefix, "beta")
     wait_for(lambda: coordinator.state("beta") == "online", "beta online")
+
+
+def test_coordinator_asks_a_live_node_without_caps_to_announce(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
+) -> None:
+    """Caps cleared from the broker: the coordinator sends 'announce' and gets them back."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    procs.node(broker, prefix, "alpha")
+    registry = coordinator.agent.registry
+    wait_for(lambda: registry.nodes.get("alpha") and registry.nodes["alpha"].caps, "alpha caps")
+    t = Topics(prefix)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    client.publish(t.node_caps("alpha"), b"", qos=1, retain=True).wait_for_publish(10)
+    client.loop_stop()
+    client.disconnect()
+
+    wait_for(lambda: any(c.get("op") == "announce" for c in observer.seen(t.node_cmd("alpha"))),
+             "the coordinator's announce command")
+    wait_for(lambda: registry.nodes["alpha"].caps is not None, "caps announced again")
+    reply = wait_for(lambda: observer.seen(t.node_reply("alpha")), "the node's reply")[0]
+    assert reply["ok"] is True
+    assert observer.json(t.node_caps("alpha"))["node"] == "alpha"  # type: ignore[index]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 
 import orjson
@@ -13,7 +12,6 @@ from coordinator.agent import CoordinatorAgent
 from coordinator.registry import Registry
 from mqinfer import options, session
 from mqinfer.client import AuthRefused, MQTTError
-from protocol.topics import node_id_from_hostname
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,15 +22,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "messages, follows node states and heartbeats, and marks a node lost on its Will or "
         "when its heartbeats stop for longer than --missed-beats of its announced intervals.",
     )
-    p.add_argument(
-        "--id",
-        default=options.env("COORDINATOR_ID", node_id_from_hostname(socket.gethostname())),
-        help="coordinator id (env MQINFER_COORDINATOR_ID; default: hostname)",
-    )
+    options.add_id(p, "coordinator", "COORDINATOR_ID")
     p.add_argument(
         "--missed-beats",
         type=float,
-        default=float(options.env("MISSED_BEATS", "3")),
+        default=options.env("MISSED_BEATS", "3"),
         help="a node is lost after this many heartbeat intervals of silence (default 3)",
     )
     options.add_common(p)

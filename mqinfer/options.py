@@ -6,15 +6,37 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 from mqinfer.client import DEFAULT_BROKER, BrokerURL
-from protocol.topics import DEFAULT_PREFIX, TopicError, Topics
+from protocol.topics import DEFAULT_PREFIX, TopicError, Topics, check_id, node_id_from_hostname
 
 
 def env(name: str, default: str) -> str:
     return os.environ.get(f"MQINFER_{name}", default)
+
+
+def _id(what: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        try:
+            return check_id(text, what)
+        except TopicError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def add_id(parser: argparse.ArgumentParser, what: str, env_name: str) -> None:
+    """--id, defaulting to the hostname (made valid), with an environment override."""
+    parser.add_argument(
+        "--id",
+        type=_id(f"{what} id"),
+        default=env(env_name, node_id_from_hostname(socket.gethostname())),
+        help=f"{what} id: 1-64 of A-Z a-z 0-9 _ - . (env MQINFER_{env_name}; default: hostname)",
+    )
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

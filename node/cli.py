@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 
 from mqinfer import options, session
 from node.agent import NodeAgent
 from node.capabilities import probe_host, probe_runtimes
-from protocol.topics import TopicError, check_id, node_id_from_hostname
 
 log = logging.getLogger("mqinfer.node")
 
@@ -29,15 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "Edge TPU, GPUs), publishes a retained capability announcement and 'online' state, "
         "heartbeats, and reconnects by itself. SIGINT/SIGTERM publish 'offline' and exit.",
     )
-    p.add_argument(
-        "--id",
-        default=options.env("NODE_ID", node_id_from_hostname(socket.gethostname())),
-        help="node id: 1-64 of A-Z a-z 0-9 _ - . (env MQINFER_NODE_ID; default: hostname)",
-    )
+    options.add_id(p, "node", "NODE_ID")
     p.add_argument(
         "--heartbeat",
         type=float,
-        default=float(options.env("HEARTBEAT", "5")),
+        default=options.env("HEARTBEAT", "5"),
         help="seconds between heartbeats (env MQINFER_HEARTBEAT; default %(default)s)",
     )
     p.add_argument(
@@ -54,10 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def run(args: argparse.Namespace) -> int:
     url, topics = options.resolve(args.parser, args)
-    try:
-        node_id = check_id(args.id, "node id")
-    except TopicError as e:
-        args.parser.error(f"--id: {e}")
+    node_id = args.id
     if args.heartbeat <= 0:
         args.parser.error("--heartbeat: expected a number of seconds > 0")
     host = probe_host()

@@ -22,8 +22,19 @@ _NVIDIA_PROVIDERS = (
 _AMD_PROVIDERS = ("MIGraphXExecutionProvider", "ROCMExecutionProvider")
 _DIRECTML_PROVIDER = "DmlExecutionProvider"
 _OPENVINO_PROVIDER = "OpenVINOExecutionProvider"
-_COREML_PROVIDER = "CoreMLExecutionProvider"
-_QNN_PROVIDER = "QNNExecutionProvider"
+# NPU providers: (device name, whether this system/machine can have it, why not).
+_NPUS: dict[str, tuple[str, Callable[[str, str], bool], str]] = {
+    "CoreMLExecutionProvider": (
+        "Apple Neural Engine",
+        lambda system, machine: system == "Darwin" and machine == "arm64",
+        "this is not Apple silicon",
+    ),
+    "QNNExecutionProvider": (
+        "Qualcomm Hexagon NPU",
+        lambda _system, machine: machine in ("arm64", "aarch64"),
+        "{machine} has no Hexagon NPU",
+    ),
+}
 
 
 def nvidia_gpus() -> tuple[list[dict[str, Any]], str]:
@@ -160,31 +171,15 @@ def onnx_accelerators(
                 detail={"providers": [_OPENVINO_PROVIDER], "devices": devices},
             )
         )
-    machine = platform.machine().lower()
-    if _COREML_PROVIDER in providers:
-        if platform.system() == "Darwin" and machine == "arm64":
-            found.append(
-                Accelerator(
-                    kind="npu",
-                    name="Apple Neural Engine",
-                    runtime="onnxruntime",
-                    detail={"providers": [_COREML_PROVIDER]},
-                )
-            )
+    system, machine = platform.system(), platform.machine().lower()
+    for provider, (name, possible, why_not) in _NPUS.items():
+        if provider not in providers:
+            continue
+        if possible(system, machine):
+            detail = {"providers": [provider]}
+            found.append(Accelerator(kind="npu", name=name, runtime="onnxruntime", detail=detail))
         else:
-            npu_reasons.append(f"{_COREML_PROVIDER} built in but this is not Apple silicon")
-    if _QNN_PROVIDER in providers:
-        if machine in ("arm64", "aarch64"):
-            found.append(
-                Accelerator(
-                    kind="npu",
-                    name="Qualcomm Hexagon NPU",
-                    runtime="onnxruntime",
-                    detail={"providers": [_QNN_PROVIDER]},
-                )
-            )
-        else:
-            npu_reasons.append(f"{_QNN_PROVIDER} built in but {machine} has no Hexagon NPU")
+            npu_reasons.append(f"{provider} built in but {why_not.format(machine=machine)}")
 
     absent: dict[str, str] = {}
     if not any(acc.kind == "gpu" for acc in found):

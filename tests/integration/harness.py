@@ -269,7 +269,7 @@ class Observer:
         self.client.on_subscribe = lambda *a: subscribed.set()
         self.client.connect("127.0.0.1", broker.port)
         self.client.loop_start()
-        self.client.subscribe(f"{prefix}/#", qos=1)
+        self.client.subscribe(Topics(prefix).everything(), qos=1)
         assert subscribed.wait(10), "observer: no SUBACK"
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:

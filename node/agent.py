@@ -44,6 +44,7 @@ class NodeAgent:
         self._next_beat = 0.0
         self._conn: Connection | None = None
         self._stopping = False
+        self._born = False
         self._lock = threading.Lock()
         self.commands = CommandHandler(self)
 
@@ -65,12 +66,14 @@ class NodeAgent:
     def start(self, conn: Connection, session: int) -> None:
         with self._lock:
             self._conn, self._session, self._seq = conn, session, 0
+            self._born = False  # until our 'online' is out, the retained state is old news
         # [T-CMD-1] subscribe before birth, so no command sent after "online" is missed.
         conn.subscribe(
             [(self.topics.node_cmd(self.node_id), 1), (self.topics.node_state(self.node_id), 1)]
         )
         self.announce(conn)
         self.publish_state(conn, "online")
+        self._born = True
         self._next_beat = 0.0
         self.tick(conn)
 
@@ -147,7 +150,7 @@ class NodeAgent:
             except ProtocolError as e:
                 log.warning("%s: unreadable state on own topic (%s); re-asserting", self.name, e)
                 state = None
-        if self._stopping:
+        if self._stopping or not self._born:
             return
         if state is not None and state.state == "online":
             if state.session > self._session:

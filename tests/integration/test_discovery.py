@@ -134,8 +134,9 @@ def test_restarted_node_is_online_and_late_will_is_ignored(
 
 
 def test_node_restart_after_kill_comes_back_online(
-    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
 ) -> None:
+    """[T-NODE-2] a new session announces caps, then 'online', over the old 'lost'."""
     a = procs.node(broker, prefix, "alpha")
     wait_for(lambda: coordinator.state("alpha") == "online", "alpha online")
     first = coordinator.agent.registry.nodes["alpha"].session
@@ -143,7 +144,18 @@ def test_node_restart_after_kill_comes_back_online(
     wait_for(lambda: coordinator.state("alpha") == "lost", "alpha lost")
     procs.node(broker, prefix, "alpha")
     wait_for(lambda: coordinator.state("alpha") == "online", "alpha online again")
-    assert (coordinator.agent.registry.nodes["alpha"].session or 0) > (first or 0)
+    second = coordinator.agent.registry.nodes["alpha"].session or 0
+    assert second > (first or 0)
+
+    t = Topics(prefix)
+    wait_for(lambda: observer.json(t.node_state("alpha"))["session"] == second,  # type: ignore[index]
+             "the observer to see the new session")
+    with observer.lock:
+        mine = [(topic, orjson.loads(p)) for topic, p, _ in observer.log
+                if p and topic in (t.node_caps("alpha"), t.node_state("alpha"))]
+    mine = [(topic, msg) for topic, msg in mine if msg["session"] == second]
+    assert [topic for topic, _ in mine][:2] == [t.node_caps("alpha"), t.node_state("alpha")]
+    assert [msg["state"] for topic, msg in mine if topic == t.node_state("alpha")] == ["online"]
 
 
 def test_heartbeat_timeout_marks_lost_and_node_recovers(

@@ -194,3 +194,18 @@ def test_client_sockets_have_tcp_nodelay(broker: Broker) -> None:
         assert conn.version == ("3.1.1" if broker.kind == "amqtt" else "5")
     finally:
         conn.close()
+
+
+def test_demo_shows_a_live_cluster() -> None:
+    """`mqinfer demo` (what `make demo` runs) brings up a cluster, shows it and stops cleanly."""
+    out = subprocess.run(
+        [sys.executable, "-m", "mqinfer", "demo", "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()
+            if line.startswith("demo-node-")}
+    assert rows == {"demo-node-1": "online", "demo-node-2": "online"}
+    assert "coordinator: demo online" in out.stdout
+    assert "stopped the nodes and the coordinator cleanly" in out.stdout
+    assert "Traceback" not in out.stderr

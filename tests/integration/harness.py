@@ -136,6 +136,7 @@ class Broker:
     proc: subprocess.Popen[bytes] | None = None
     passwd: Path | None = None  # Mosquitto only: password file (authentication on)
     acl: Path | None = None  # Mosquitto only: ACL file
+    extra_conf: str = ""  # Mosquitto only: more lines for the derived config
 
     @property
     def url(self) -> str:
@@ -151,7 +152,8 @@ class Broker:
     def _command(self) -> list[str]:
         if self.kind == "mosquitto":
             conf = self.workdir / "mosquitto.conf"
-            conf.write_text(derived_mosquitto_conf(self.port, self.workdir, self.passwd, self.acl))
+            derived = derived_mosquitto_conf(self.port, self.workdir, self.passwd, self.acl)
+            conf.write_text(derived + self.extra_conf)
             return [need_mosquitto(), "-c", str(conf)]
         return [sys.executable, "-m", "mqinfer", "broker", "--port", str(self.port)]
 

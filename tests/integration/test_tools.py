@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import orjson
+import pytest
 
 from broker.ports import free_port
 from protocol.topics import Topics
@@ -209,3 +213,59 @@ def test_demo_shows_a_live_cluster() -> None:
     assert "coordinator: demo online" in out.stdout
     assert "stopped the nodes and the coordinator cleanly" in out.stdout
     assert "Traceback" not in out.stderr
+
+
+def test_mqtts_url_connects_with_tls(tmp_path: Path, procs: Procs) -> None:
+    """mqtts:// verifies the broker against the system's CAs (here a test CA via SSL_CERT_FILE)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    need_mosquitto()
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
+
+    names = ("ca.pem", "server.key", "server.csr", "server.pem")
+    ca, key, csr, cert = (tmp_path / n for n in names)
+    ca_key = tmp_path / "ca.key"
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test CA",
+        "-keyout", str(ca_key), "-out", str(ca))
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", str(key), "-out", str(csr))
+    ext = tmp_path / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+        "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(cert))
+
+    # TLS on the derived config's listener.
+    b = Broker("mosquitto", free_port(), tmp_path, extra_conf=f"certfile {cert}\nkeyfile {key}\n")
+    b.start()
+    try:
+        url = f"mqtts://127.0.0.1:{b.port}"
+        env = {**os.environ, "SSL_CERT_FILE": str(ca)}
+        node = subprocess.Popen(
+            [sys.executable, "-m", "mqinfer", "node", "--id", "alpha", "--broker", url,
+             "--heartbeat", "0.5"], env=env, stderr=subprocess.PIPE,
+        )
+        try:
+            def status() -> dict[str, Any] | None:
+                out = subprocess.run(
+                    [sys.executable, "-m", "mqinfer", "status", "--json", "--broker", url],
+                    capture_output=True, timeout=60, env=env,
+                )
+                return orjson.loads(out.stdout) if out.returncode == 0 else None
+
+            view = wait_for(lambda: (v := status()) and v["nodes"] and v, "alpha over TLS")
+            assert view["nodes"][0]["state"] == "online"
+            # Without the CA the broker's certificate is refused, with a clear error.
+            out = subprocess.run(
+                [sys.executable, "-m", "mqinfer", "status", "--broker", url],
+                capture_output=True, text=True, timeout=60,
+            )
+            assert out.returncode == 1
+            assert "CERTIFICATE_VERIFY_FAILED" in out.stderr
+        finally:
+            node.terminate()
+            node.wait(15)
+    finally:
+        b.stop()

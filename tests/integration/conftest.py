@@ -52,6 +52,10 @@ def procs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Procs]:
     if rep is not None and rep.failed:
         for p in ps.all:
             print(f"----- {p.name} {p.args}\n{p.log()}")
+    # A process that logged a traceback (a handler's exception, a crash) fails the test.
+    crashed = [p for p in ps.all if "Traceback" in p.log()]
+    if crashed:
+        pytest.fail(f"{crashed[0].name} logged a traceback:\n{crashed[0].log()}")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -128,6 +128,27 @@ async def _shutdown(broker: Broker) -> None:
         )
 
 
+class _ExpectedRefusals(logging.Filter):
+    """Keep amqtt's log about refused connections to one line each, and MQTT 5 quiet.
+
+    amqtt logs every refused CONNECT twice at WARNING: "Invalid connection from ..." and
+    then "Failed to initialize client session: <reason>". The first adds nothing. An
+    MQTT 5 CONNECT is refused by design and mqinfer clients then retry with 3.1.1, so
+    that refusal is logged at INFO.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith("Invalid connection from"):
+            return False
+        if text.startswith("Failed to initialize client session: Invalid protocol") and (
+            text.endswith(": 5")
+        ):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
+
+
 async def serve(host: str, port: int, stop: asyncio.Event) -> None:
     """Run the embedded broker on ``host:port`` until ``stop`` is set.
 
@@ -137,6 +158,9 @@ async def serve(host: str, port: int, stop: asyncio.Event) -> None:
     if not port_is_free(host, port):
         raise PortInUse(host, port)
 
+    amqtt_log = logging.getLogger("amqtt.broker")
+    refusals = _ExpectedRefusals()
+    amqtt_log.addFilter(refusals)
     loop = asyncio.get_running_loop()
     previous_handler = loop.get_exception_handler()
     loop.set_exception_handler(_quiet_disconnect_races(previous_handler))
@@ -156,3 +180,4 @@ async def serve(host: str, port: int, stop: asyncio.Event) -> None:
             await _shutdown(broker)
     finally:
         loop.set_exception_handler(previous_handler)
+        amqtt_log.removeFilter(refusals)

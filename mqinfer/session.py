@@ -11,7 +11,6 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,15 +59,15 @@ class SessionCounter:
 
 @dataclass
 class Backoff:
-    """Full-jitter exponential backoff, capped."""
+    """Exponential backoff, capped, with jitter: each delay is drawn from [ceiling/2, ceiling]."""
 
     initial: float = 0.5
     cap: float = 30.0
     attempt: int = 0
 
     def next_delay(self) -> float:
-        ceiling = min(self.cap, self.initial * 2**self.attempt)
-        self.attempt += 1
+        ceiling = min(self.cap, self.initial * 2.0 ** min(self.attempt, 32))
+        self.attempt += 1  # (bounded above, so hours of outage cannot overflow the float)
         return random.uniform(ceiling / 2, ceiling)
 
     def reset(self) -> None:
@@ -82,7 +81,6 @@ def run(
     protocol: str = "auto",
     tick_seconds: float = 0.2,
     keepalive: int = 30,
-    on_connected: Callable[[Connection], None] | None = None,
 ) -> int:
     """Run sessions until `stop` is set; return an exit status (0, or EXIT_AUTH)."""
     counter = SessionCounter()
@@ -114,8 +112,6 @@ def run(
         try:
             agent.start(conn, session)
             backoff.reset()
-            if on_connected is not None:
-                on_connected(conn)
             while not stop.is_set() and conn.alive:
                 agent.tick(conn)
                 stop.wait(tick_seconds)

@@ -44,6 +44,8 @@ def test_backoff_is_jittered_and_capped() -> None:
     assert len(set(delays)) > 5
     b.reset()
     assert b.next_delay() <= 0.5
+    b.attempt = 5000  # a broker gone for days
+    assert 2.0 <= b.next_delay() <= 4.0
 
 
 def test_sessions_strictly_increase() -> None:

@@ -110,19 +110,18 @@ class NodeAgent:
     def announce(self, conn: Connection, wait: bool = True) -> None:
         """Publish the retained caps; `wait` for the PUBACK only off the network thread."""
         caps = capabilities(self.node_id, self._session, self.probe, self.host, self.labels)
-        topic, payload = self.topics.node_caps(self.node_id), codec.encode(caps)
-        if wait:
-            conn.publish_wait(topic, payload, retain=True)
-        else:
-            conn.publish(topic, payload, retain=True)
+        self._retain(conn, self.topics.node_caps(self.node_id), caps, wait)
 
     def publish_state(self, conn: Connection, state: m.NodeStateName, wait: bool = False) -> None:
         msg = m.NodeState(node=self.node_id, state=state, session=self._session, ts=time.time())
-        topic, payload = self.topics.node_state(self.node_id), codec.encode(msg)
+        self._retain(conn, self.topics.node_state(self.node_id), msg, wait)
+
+    @staticmethod
+    def _retain(conn: Connection, topic: str, msg: m.Wire, wait: bool) -> None:
         if wait:
-            conn.publish_wait(topic, payload, retain=True)
+            conn.publish_wait(topic, codec.encode(msg), retain=True)
         else:
-            conn.publish(topic, payload, retain=True)
+            conn.publish(topic, codec.encode(msg), retain=True)
 
     # ---- incoming (network thread) -------------------------------------------------
 

@@ -75,8 +75,6 @@ def observer(broker: Broker, prefix: str) -> Iterator[Observer]:
 
 @pytest.fixture
 def coordinator(broker: Broker, prefix: str) -> Iterator[InProcessCoordinator]:
-    # Generous: a loaded CI machine must not make a live node look silent. The timeout
-    # test starts its own coordinator with the default.
-    c = start_coordinator(broker, prefix, missed_beats=8)
+    c = start_coordinator(broker, prefix)
     yield c
     c.shutdown()

@@ -14,6 +14,19 @@ class Code(StrEnum):
     MISMATCH = "mismatch"  # payload names another node/service than its topic
     UNKNOWN_COMMAND = "unknown_command"
     INTERNAL = "internal"
+    # inference requests (results on services/{service}/result...)
+    BAD_PAYLOAD = "bad_payload"  # not PNG, JPEG, .npy, JSON, nor raw bytes of the input's size
+    BAD_IMAGE = "bad_image"  # a PNG or JPEG that does not decode (e.g. truncated)
+    WRONG_SHAPE = "wrong_shape"  # an array or JSON input whose shape the model cannot take
+    WRONG_DTYPE = "wrong_dtype"  # an array whose dtype cannot be converted without loss
+    BUSY = "busy"  # the replica's queue is full; retry later
+    TIMEOUT = "timeout"  # no result before the request's deadline
+    UNAVAILABLE = "unavailable"  # the service has no ready replica
+    INFERENCE_FAILED = "inference_failed"  # the runtime raised while running the model
+    # provisioning (command replies and service status)
+    BAD_ARTIFACT = "bad_artifact"  # missing chunks, or the sha256 does not match
+    UNSUPPORTED_FORMAT = "unsupported_format"  # no runtime on the node runs this format
+    LOAD_FAILED = "load_failed"  # the runtime refused the model file
 
 
 class ProtocolError(ValueError):

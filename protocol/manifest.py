@@ -1,0 +1,75 @@
+"""Model manifests: what a model file is and how to feed it.
+
+A manifest sits beside a model file (``models/digits/digits_int8.json`` beside
+``digits_int8.tflite``) and travels with the artifact when a model is deployed. A model
+deployed without one still works: the node reads inputs and outputs from the runtime and
+uses the default preprocessing described on `Preprocessing`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Format = Literal["tflite", "onnx", "edgetpu_tflite"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Quantization(_Frozen):
+    """real_value = scale * (quantized_value - zero_point)."""
+
+    scale: float
+    zero_point: int
+
+
+class TensorInfo(_Frozen):
+    name: str
+    dtype: str = Field(description="numpy dtype name: float32, int8, uint8, int64, ...")
+    shape: list[int] = Field(description="-1 for a dynamic dimension")
+    quantization: Quantization | None = None
+
+
+class Preprocessing(_Frozen):
+    """How an image becomes the input tensor.
+
+    The image is converted to `mode`, resized to `size` (width, height) and laid out as
+    `layout`. With `pixels` the 0..255 values go in unchanged (the input must be uint8).
+    Otherwise value = (pixel - mean) / std, and for a quantized input
+    q = round(value / scale) + zero_point, clipped to the dtype.
+
+    Without a manifest: mode from the channel count (1 -> L, 3 -> RGB), size from the
+    input shape, and float inputs get pixel / 255, uint8 inputs the pixels, int8 inputs
+    pixel - 128.
+    """
+
+    mode: Literal["L", "RGB"] = "RGB"
+    size: tuple[int, int] = Field(description="(width, height)")
+    layout: Literal["NHWC", "NCHW"] = "NHWC"
+    pixels: bool = False
+    mean: float = 0.0
+    std: float = 255.0
+
+
+class Accuracy(_Frozen):
+    dataset: str
+    samples: int
+    top1: float = Field(ge=0, le=1)
+
+
+class Manifest(_Frozen):
+    name: str
+    format: Format
+    file: str = Field(description="Model file name, relative to the manifest")
+    sha256: str
+    size: int = Field(ge=0, description="File size in bytes")
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    preprocessing: Preprocessing | None = None
+    labels: list[str] = Field(default_factory=list)
+    accuracy: Accuracy | None = None
+    test_set: str | None = Field(None, description="Held-out data file, relative")
+    description: str = ""

@@ -23,6 +23,8 @@ MODEL_BY_KIND: dict[Kind, type[m.Wire]] = {
     Kind.NODE_REPLY: m.CommandReply,
     Kind.SERVICE_SPEC: m.ServiceSpec,
     Kind.SERVICE_STATUS: m.ServiceStatus,
+    Kind.SERVICE_DONE: m.Done,
+    Kind.ARTIFACT_META: m.ArtifactMeta,
     Kind.COORDINATOR_STATE: m.CoordinatorState,
 }
 
@@ -94,10 +96,15 @@ def decode(kind: Kind, payload: bytes) -> m.Wire:
 def decode_for(ref: Ref, payload: bytes) -> m.Wire:
     """Decode a control message and check it names the node or service of its topic."""
     message = decode(ref.kind, payload)
-    owner = getattr(message, "node", None) if ref.node else getattr(message, "name", None)
-    expected = ref.node or ref.service
+    if ref.artifact is not None:
+        owner = getattr(message, "sha256", None)
+    elif ref.node:
+        owner = getattr(message, "node", None)
+    else:
+        owner = getattr(message, "name", None)
+    expected = ref.node or ref.service or ref.artifact
     if expected is not None and owner is not None and owner != expected:
-        what = "node" if ref.node else "name"
+        what = "sha256" if ref.artifact else ("node" if ref.node else "name")
         raise ProtocolError(
             Code.MISMATCH,
             f"payload {what} {owner!r} does not match the topic's {expected!r}",

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.manifest import Manifest
+
 PROTOCOL_VERSION = 1
 
 
@@ -102,7 +104,11 @@ class Heartbeat(Wire):
     uptime: float = Field(ge=0, description="Seconds since the agent started")
     load: tuple[float, float, float] = Field(description="1, 5, 15 min load average")
     memory_available_mb: int = Field(ge=0)
-    inflight: int = Field(0, ge=0, description="Requests being worked on")
+    inflight: int = Field(0, ge=0, description="Requests queued or being worked on")
+    services: dict[str, str] = Field(
+        default_factory=dict,
+        description="Services this session runs: name -> 'loading' | 'ready' | 'failed'",
+    )
 
 
 class CoordinatorState(Wire):
@@ -145,27 +151,80 @@ class CommandReply(Wire):
 # ---- services -------------------------------------------------------------------
 
 
+class Constraints(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    accelerator: Literal["cpu", "edgetpu", "gpu", "openvino", "npu"] | None = Field(
+        None, description="Only nodes with an accelerator of this kind"
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Only nodes whose labels include all of these"
+    )
+
+
 class ServiceSpec(Wire):
     """Retained on services/{service}/spec: the desired state of one service."""
 
     name: str
-    model: str = Field(description="Model reference (path, name or sha256)")
+    model: str = Field(description="Model file name, for people (e.g. digits_int8.tflite)")
+    artifact: str = Field("", description="sha256 of the model file (artifacts/{sha256}/...)")
+    format: str = Field("", description="tflite, onnx or edgetpu_tflite")
+    size: int = Field(0, ge=0, description="Model file size in bytes")
     replicas: int = Field(1, ge=0)
-    constraints: dict[str, Any] = Field(default_factory=dict)
+    constraints: Constraints = Field(default_factory=Constraints)
+    deadline_ms: int = Field(10_000, gt=0, description="Each request is answered within this")
+    workers: int = Field(1, ge=1, le=64, description="Worker threads (interpreters) per replica")
+    threads: int = Field(1, ge=1, le=64, description="Runtime threads per worker")
+    queue: int = Field(32, ge=1, le=100_000, description="Queued requests per replica")
+
+
+ReplicaState = Literal["deploying", "ready", "failed", "removing"]
 
 
 class ReplicaStatus(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     node: str
-    state: str
+    state: ReplicaState
+    reason: str | None = None
 
 
 class ServiceStatus(Wire):
-    """Retained on services/{service}/status: what the coordinator made of the spec."""
+    """Retained on services/{service}/status: what the coordinator made of the spec.
+
+    The replicas in state 'ready' are the ones that serve requests ([T-SERVE-1]).
+    """
 
     name: str
     state: Literal["deploying", "ready", "degraded", "failed", "removed"]
     reason: str | None = None
     replicas: list[ReplicaStatus] = Field(default_factory=list)
+    want: int = Field(0, ge=0, description="Replicas asked for")
+    artifact: str | None = None
+    ts: float | None = None
+
+    def ready_nodes(self) -> list[str]:
+        return sorted(r.node for r in self.replicas if r.state == "ready")
+
+
+class Done(Wire):
+    """Sent on services/{service}/done by the replica that answered requests."""
+
+    node: str
+    keys: list[str] = Field(description="Request keys answered (see topics.md)")
+
+
+# ---- artifacts ------------------------------------------------------------------
+
+
+class ArtifactMeta(Wire):
+    """Retained on artifacts/{sha256}/meta once every chunk is published."""
+
+    sha256: str
+    name: str = Field(description="Original file name, e.g. digits_int8.tflite")
+    format: str
+    size: int = Field(ge=0)
+    chunk_size: int = Field(gt=0)
+    chunks: int = Field(ge=0)
+    manifest: Manifest | None = None
     ts: float | None = None

@@ -14,6 +14,8 @@ DEFAULT_PREFIX = "mqinfer"
 # [T-ID-1] node ids, service names and request ids: 1-64 characters from
 # A-Z a-z 0-9 _ - . starting with a letter or digit. No '/', '+', '#', '$' or spaces.
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CHUNK = re.compile(r"0|[1-9][0-9]{0,5}")
 
 
 class TopicError(ValueError):
@@ -30,13 +32,16 @@ class Kind(StrEnum):
     SERVICE_STATUS = "service_status"
     SERVICE_REQUEST = "service_request"
     SERVICE_RESULT = "service_result"
+    SERVICE_DONE = "service_done"
+    ARTIFACT_META = "artifact_meta"
+    ARTIFACT_CHUNK = "artifact_chunk"
     COORDINATOR_STATE = "coordinator_state"
 
 
 @dataclass(frozen=True)
 class TopicSpec:
     kind: Kind
-    pattern: str  # relative to the prefix; {node}, {service}, {request_id} are placeholders
+    pattern: str  # relative to the prefix; {node}, {service}, ... are placeholders
     qos: int
     retain: bool
 
@@ -54,6 +59,9 @@ TABLE: tuple[TopicSpec, ...] = (
     TopicSpec(Kind.SERVICE_REQUEST, "services/{service}/request/{request_id}", 1, False),
     TopicSpec(Kind.SERVICE_RESULT, "services/{service}/result", 1, False),
     TopicSpec(Kind.SERVICE_RESULT, "services/{service}/result/{request_id}", 1, False),
+    TopicSpec(Kind.SERVICE_DONE, "services/{service}/done", 1, False),
+    TopicSpec(Kind.ARTIFACT_META, "artifacts/{artifact}/meta", 1, True),
+    TopicSpec(Kind.ARTIFACT_CHUNK, "artifacts/{artifact}/chunk/{chunk}", 1, True),
     TopicSpec(Kind.COORDINATOR_STATE, "coordinator/state", 1, True),
 )
 
@@ -85,7 +93,30 @@ def node_id_from_hostname(hostname: str) -> str:
     return (cleaned or "node")[:64]
 
 
-_FIELD_NAMES = {"node": "node id", "service": "service name", "request_id": "request id"}
+_FIELD_NAMES = {
+    "node": "node id",
+    "service": "service name",
+    "request_id": "request id",
+    "artifact": "artifact sha256",
+    "chunk": "chunk index",
+}
+
+
+def check_sha256(value: str) -> str:
+    """An artifact is named by the sha256 of its bytes: 64 lowercase hex digits."""
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise TopicError(f"invalid artifact {value!r}: expected 64 lowercase hex digits (sha256)")
+    return value
+
+
+def _check_field(name: str, value: str) -> None:
+    if name == "artifact":
+        check_sha256(value)
+    elif name == "chunk":
+        if not _CHUNK.fullmatch(value):
+            raise TopicError(f"invalid chunk index {value!r}: expected 0-999999")
+    else:
+        check_id(value, _FIELD_NAMES[name])
 
 
 @dataclass(frozen=True)
@@ -96,6 +127,8 @@ class Ref:
     node: str | None = None
     service: str | None = None
     request_id: str | None = None
+    artifact: str | None = None
+    chunk: str | None = None
 
 
 class Topics:
@@ -143,6 +176,25 @@ class Topics:
             levels.append(check_id(request_id, "request id"))
         return self._join(*levels)
 
+    def service_done(self, service: str) -> str:
+        return self._join("services", check_id(service, "service name"), "done")
+
+    # artifacts
+    def artifact_meta(self, sha256: str) -> str:
+        return self._join("artifacts", check_sha256(sha256), "meta")
+
+    def artifact_chunk(self, sha256: str, index: int) -> str:
+        return self._join("artifacts", check_sha256(sha256), "chunk", str(index))
+
+    def artifact_chunks(self, sha256: str) -> str:
+        """Filter for every chunk of one artifact."""
+        return self._join("artifacts", check_sha256(sha256), "chunk", "+")
+
+    def service_requests(self, service: str) -> list[str]:
+        """Filters for both request topics of one service."""
+        base = self.service_request(service)
+        return [base, base + "/+"]
+
     def coordinator_state(self) -> str:
         return self._join("coordinator", "state")
 
@@ -175,7 +227,7 @@ class Topics:
             for want, got in zip(pattern, rest, strict=True):
                 if want.startswith("{"):
                     name = want[1:-1]
-                    check_id(got, _FIELD_NAMES[name])
+                    _check_field(name, got)
                     fields[name] = got
                 elif want != got:
                     break

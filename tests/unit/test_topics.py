@@ -39,11 +39,31 @@ def test_build_and_parse_round_trip() -> None:
         t.service_result("digits", "r1"): Ref(
             Kind.SERVICE_RESULT, service="digits", request_id="r1"
         ),
+        t.service_done("digits"): Ref(Kind.SERVICE_DONE, service="digits"),
+        t.artifact_meta(SHA): Ref(Kind.ARTIFACT_META, artifact=SHA),
+        t.artifact_chunk(SHA, 12): Ref(Kind.ARTIFACT_CHUNK, artifact=SHA, chunk="12"),
         t.coordinator_state(): Ref(Kind.COORDINATOR_STATE),
     }
     assert len(cases) == len(TABLE)
     for topic, ref in cases.items():
         assert t.parse(topic) == ref
+
+
+SHA = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "mqinfer/artifacts/AB" + "ab" * 31 + "/meta",  # uppercase hex
+        "mqinfer/artifacts/abc/meta",  # too short
+        "mqinfer/artifacts/" + SHA + "/chunk/01",  # leading zero
+        "mqinfer/artifacts/" + SHA + "/chunk/-1",
+    ],
+)
+def test_artifact_topics_are_strict(topic: str) -> None:
+    with pytest.raises(TopicError):
+        Topics().parse(topic)
 
 
 def test_user_facing_topics_are_fixed() -> None:

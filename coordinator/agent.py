@@ -6,17 +6,21 @@ messages rebuild the whole registry ([T-COORD-2]).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
 from collections import deque
 
+from coordinator.provision import Action, Provisioner, PublishStatus, SendCommand
 from coordinator.registry import Change, Registry
-from mqinfer.client import Connection, Message, NotConnected, Will
-from protocol import codec
+from mqinfer.client import Connection, Message, MQTTError, NotConnected, Will
+from protocol import codec, replies
 from protocol import messages as m
-from protocol.errors import ProtocolError
+from protocol.errors import Code, ProtocolError
+from protocol.payload import result_json
+from protocol.routing import request_key
 from protocol.topics import Kind, Ref, TopicError, Topics
 
 log = logging.getLogger("mqinfer.coordinator")
@@ -42,7 +46,7 @@ def read(
 ) -> tuple[Ref, list[Change]]:
     """Decode and apply one message; raise ProtocolError/TopicError when it is malformed."""
     ref = topics.parse(message.topic)
-    if ref.kind is Kind.NODE_REPLY:
+    if ref.kind is Kind.NODE_REPLY or ref.kind is Kind.SERVICE_REQUEST:
         return ref, []
     msg = codec.decode_for(ref, message.payload) if message.payload else None
     return ref, registry.apply(ref, msg, now, message.retain)
@@ -59,6 +63,8 @@ class CoordinatorAgent:
         self._conn: Connection | None = None
         self._asked: set[tuple[str, int]] = set()  # (node, session) asked to re-announce
         self.changes: deque[Change] = deque(maxlen=1000)  # recent state changes, newest last
+        self.provisioner = Provisioner()
+        self._unavailable: set[str] = set()  # services whose requests we answer 'unavailable'
 
     def client_id(self, session: int) -> str:
         return f"mqinfer-coordinator-{self.id}-{session:x}"
@@ -72,6 +78,7 @@ class CoordinatorAgent:
 
     def start(self, conn: Connection, session: int) -> None:
         self._session, self._conn = session, conn
+        self._unavailable.clear()
         conn.subscribe(subscriptions(self.topics))
         conn.publish_wait(
             self.topics.coordinator_state(), self._state("online", session), retain=True
@@ -87,6 +94,7 @@ class CoordinatorAgent:
         try:
             with self._lock:
                 ref, changes = read(self.topics, self.registry, message, now)
+                self._provisioning_input(ref, message, now)
         except (ProtocolError, TopicError) as e:
             # [T-COORD-3] malformed input is logged with the reason and ignored.
             log.warning("ignored message on %s: %s", message.topic, e)
@@ -96,6 +104,46 @@ class CoordinatorAgent:
             log.info("node %s: %s -> %s (%s)", change.node, change.old, change.new, change.reason)
         if not message.retain and ref.node is not None:
             self._ask_for_caps(ref.node)
+
+    def _provisioning_input(self, ref: Ref, message: Message, now: float) -> None:
+        if ref.kind is Kind.SERVICE_REQUEST:
+            self._answer_unavailable(ref, message)
+            return
+        if ref.service is not None:
+            rec = self.registry.services.get(ref.service)
+            if ref.kind is Kind.SERVICE_SPEC:
+                self.provisioner.on_spec(ref.service, rec.spec if rec else None)
+            elif ref.kind is Kind.SERVICE_STATUS:
+                self.provisioner.on_status(ref.service, rec.status if rec else None)
+        elif ref.kind is Kind.NODE_REPLY:
+            reply = codec.decode_for(ref, message.payload)
+            if isinstance(reply, m.CommandReply):
+                self.provisioner.on_reply(reply, now)
+
+    def _answer_unavailable(self, ref: Ref, message: Message) -> None:
+        """[T-SERVE-4] while a service has no ready replica, the coordinator answers its
+        requests with an 'unavailable' error (as the broker delivered the status, like the
+        replicas decide)."""
+        assert ref.service is not None
+        rec = self.registry.services.get(ref.service)
+        status = rec.status if rec else None
+        conn = self._conn
+        if conn is None or rec is None or rec.spec is None or (status and status.ready_nodes()):
+            return
+        key = request_key(
+            message.topic, message.payload, message.correlation_data, message.response_topic
+        )
+        why = f"{status.state}: {status.reason}" if status and status.reason else "deploying"
+        payload = result_json(
+            request_id=replies.request_id(ref, message.correlation_data, None, key),
+            service=ref.service,
+            node=None,
+            ok=False,
+            error=(str(Code.UNAVAILABLE), f"service {ref.service} has no ready replica ({why})"),
+        )
+        topic = replies.result_topic(self.topics, ref.service, ref, message.response_topic)
+        with contextlib.suppress(NotConnected):
+            conn.publish(topic, payload, correlation_data=message.correlation_data)
 
     def _ask_for_caps(self, node: str) -> None:
         """A live node we have no caps for is asked to announce again (once per session)."""
@@ -132,3 +180,46 @@ class CoordinatorAgent:
                 )
                 # Retained, so `mqinfer status` and a restarted coordinator see it too.
                 conn.publish(self.topics.node_state(rec.id), codec.encode(lost), retain=True)
+            actions = self.provisioner.step(self.registry, now)
+            wanted = {
+                name
+                for name, rec in self.registry.services.items()
+                if rec.spec is not None and not (rec.status and rec.status.ready_nodes())
+            }
+        for action in actions:
+            self._carry_out(conn, action)
+        self._follow_unavailable(conn, wanted)
+
+    def _carry_out(self, conn: Connection, action: Action) -> None:
+        if isinstance(action, SendCommand):
+            conn.publish(self.topics.node_cmd(action.node), codec.encode(action.command))
+            log.info(
+                "-> %s: %s %s",
+                action.node,
+                action.command.op,
+                action.command.args.get("service")
+                or action.command.args.get("spec", {}).get("name", ""),
+            )
+        elif isinstance(action, PublishStatus):
+            topic = self.topics.service_status(action.name)
+            payload = codec.encode(action.status) if action.status else b""
+            conn.publish(topic, payload, retain=True)
+            if action.status:
+                log.info(
+                    "service %s: %s %s",
+                    action.name,
+                    action.status.state,
+                    action.status.reason or "",
+                )
+
+    def _follow_unavailable(self, conn: Connection, wanted: set[str]) -> None:
+        """Subscribe to the requests of services with no ready replica, and only those."""
+        try:
+            for name in sorted(wanted - self._unavailable):
+                conn.subscribe([(f, 1) for f in self.topics.service_requests(name)])
+                self._unavailable.add(name)
+            for name in sorted(self._unavailable - wanted):
+                conn.unsubscribe(self.topics.service_requests(name))
+                self._unavailable.discard(name)
+        except MQTTError as e:
+            log.warning("could not follow requests: %s", e)

@@ -87,7 +87,9 @@ def as_json(registry: Registry, now: float | None = None) -> dict[str, Any]:
         services.append(
             {
                 "name": name,
-                "spec": rec.spec.model_dump(mode="json") if rec.spec else None,
+                "spec": rec.spec.model_dump(mode="json", exclude={"manifest"})
+                if rec.spec
+                else None,
                 "state": rec.status.state if rec.status else "unknown",
                 "reason": rec.status.reason if rec.status else None,
                 "replicas": [r.model_dump() for r in rec.status.replicas] if rec.status else [],
@@ -134,11 +136,18 @@ def as_text(view: dict[str, Any]) -> str:
     lines.append("")
     if view["services"]:
         srows = [["SERVICE", "STATE", "MODEL", "REPLICAS"]]
+        reasons = []
         for s in view["services"]:
-            model = s["spec"]["model"] if s["spec"] else "-"
-            where = ",".join(r["node"] for r in s["replicas"]) or "-"
-            srows.append([s["name"], s["state"], model, where])
+            spec = s["spec"]
+            model = f"{spec['model']} ({spec['format']})" if spec else "-"
+            ready = sum(r["state"] == "ready" for r in s["replicas"])
+            want = f"{ready}/{spec['replicas']}" if spec else str(ready)
+            where = ", ".join(f"{r['node']} {r['state']}" for r in s["replicas"]) or "-"
+            srows.append([s["name"], s["state"], model, f"{want}: {where}"])
+            if s["reason"]:
+                reasons.append(f"{s['name']}: {s['reason']}")
         lines.append(_table(srows))
+        lines += reasons
     else:
         lines.append("no services")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import sys
 import broker.cli
 import coordinator.cli
 import node.cli
-from mqinfer import demo
+from mqinfer import demo, deploy, infer
 
 
 def parser() -> argparse.ArgumentParser:
@@ -21,6 +21,8 @@ def parser() -> argparse.ArgumentParser:
     broker.cli.add_parser(sub)
     node.cli.add_parser(sub)
     coordinator.cli.add_parsers(sub)
+    deploy.add_parsers(sub)
+    infer.add_parser(sub)
     demo.add_parser(sub)
     return p
 

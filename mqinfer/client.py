@@ -322,6 +322,13 @@ class Connection:
         if refused:
             raise MQTTError(f"{self.url} refused subscriptions {refused}")
 
+    def unsubscribe(self, filters: Sequence[str]) -> None:
+        """Unsubscribe without waiting for the UNSUBACK (safe on any thread)."""
+        client = self._live_client()
+        rc, _mid = client.unsubscribe(list(filters))
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise NotConnected(f"unsubscribe failed: {mqtt.error_string(rc)}")
+
     def publish(
         self,
         topic: str,

@@ -5,15 +5,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
-from mqinfer.client import Connection, Message, Will
+from mqinfer.client import Connection, Message, MQTTError, NotConnected, Will
 from node import sysinfo
+from node.artifacts import ArtifactStore, default_cache_dir
 from node.capabilities import Probe, capabilities
 from node.commands import CommandHandler
+from node.runtimes import Backend
+from node.serving import DEFAULT_MAX_REQUEST_BYTES, Replica
 from protocol import codec
 from protocol import messages as m
 from protocol.errors import ProtocolError
-from protocol.topics import Kind, Topics
+from protocol.topics import Kind, Ref, Topics
 
 log = logging.getLogger("mqinfer.node")
 
@@ -29,6 +33,10 @@ class NodeAgent:
         host: m.Host,
         heartbeat: float = 5.0,
         labels: dict[str, str] | None = None,
+        backends: dict[str, Backend] | None = None,
+        cache_dir: Path | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        fetch_timeout: float = 120.0,
     ) -> None:
         self.node_id = node_id
         self.name = f"node {node_id}"
@@ -38,7 +46,6 @@ class NodeAgent:
         self.heartbeat = heartbeat
         self.labels = labels or {}
         self.started = time.monotonic()
-        self.inflight = 0
         self._session = 0
         self._seq = 0
         self._next_beat = 0.0
@@ -46,6 +53,12 @@ class NodeAgent:
         self._stopping = False
         self._born = False
         self._lock = threading.Lock()
+        self.backends = backends or {}
+        self.store = ArtifactStore(cache_dir or default_cache_dir(node_id), topics)
+        self.max_request_bytes = max_request_bytes
+        self.fetch_timeout = fetch_timeout
+        self.replicas: dict[str, Replica] = {}
+        self.provision_lock = threading.Lock()  # one deploy/undeploy at a time
         self.commands = CommandHandler(self)
 
     @property
@@ -71,6 +84,8 @@ class NodeAgent:
         conn.subscribe(
             [(self.topics.node_cmd(self.node_id), 1), (self.topics.node_state(self.node_id), 1)]
         )
+        for replica in list(self.replicas.values()):  # a reconnect keeps serving
+            conn.subscribe([(f, 1) for f in replica.filters()])
         self.announce(conn)
         self.publish_state(conn, "online")
         self._born = True
@@ -79,6 +94,8 @@ class NodeAgent:
 
     def tick(self, conn: Connection) -> None:
         now = time.monotonic()
+        for replica in list(self.replicas.values()):
+            replica.tick(now)
         if now < self._next_beat:
             return
         self._next_beat = now + self.heartbeat
@@ -92,7 +109,8 @@ class NodeAgent:
             uptime=round(now - self.started, 3),
             load=sysinfo.load_average(),
             memory_available_mb=available,
-            inflight=self.inflight,
+            inflight=sum(r.inflight for r in list(self.replicas.values())),
+            services={name: r.state for name, r in list(self.replicas.items())},
         )
         self._seq += 1
         conn.publish(
@@ -109,12 +127,25 @@ class NodeAgent:
 
     def announce(self, conn: Connection, wait: bool = True) -> None:
         """Publish the retained caps; `wait` for the PUBACK only off the network thread."""
-        caps = capabilities(self.node_id, self._session, self.probe, self.host, self.labels)
+        caps = capabilities(
+            self.node_id, self._session, self.probe, self.host, self.labels, self.store.cached()
+        )
         self._retain(conn, self.topics.node_caps(self.node_id), caps, wait)
 
     def publish_state(self, conn: Connection, state: m.NodeStateName, wait: bool = False) -> None:
         msg = m.NodeState(node=self.node_id, state=state, session=self._session, ts=time.time())
         self._retain(conn, self.topics.node_state(self.node_id), msg, wait)
+
+    def send(self, topic: str, payload: bytes, qos: int, correlation: bytes | None) -> None:
+        """Publish from any thread without waiting; a result is lost (and logged) only when
+        the connection is down, and the request's other replicas cannot help then either."""
+        conn = self._conn
+        try:
+            if conn is None:
+                raise NotConnected("no connection yet")
+            conn.publish(topic, payload, qos=qos, correlation_data=correlation)
+        except MQTTError as e:
+            log.warning("%s: could not publish to %s: %s", self.name, topic, e)
 
     @staticmethod
     def _retain(conn: Connection, topic: str, msg: m.Wire, wait: bool) -> None:
@@ -134,10 +165,36 @@ class NodeAgent:
         conn = self._conn
         if conn is None:
             return
-        if ref.kind is Kind.NODE_CMD:
+        kind = ref.kind
+        if kind is Kind.SERVICE_REQUEST:
+            replica = self.replicas.get(ref.service or "")
+            if replica is not None:
+                replica.on_request(ref, message)
+        elif kind is Kind.SERVICE_DONE or kind is Kind.SERVICE_STATUS:
+            self._service_message(ref, message)
+        elif kind is Kind.ARTIFACT_META or kind is Kind.ARTIFACT_CHUNK:
+            self.store.on_message(ref, message)
+        elif kind is Kind.NODE_CMD:
             self.commands.handle(conn, message)
-        elif ref.kind is Kind.NODE_STATE:
+        elif kind is Kind.NODE_STATE:
             self._check_own_state(conn, message)
+
+    def _service_message(self, ref: Ref, message: Message) -> None:
+        replica = self.replicas.get(ref.service or "")
+        if replica is None:
+            return
+        if not message.payload:  # the status was cleared: the service is gone
+            replica.on_status(m.ServiceStatus(name=replica.name, state="removed"))
+            return
+        try:
+            msg = codec.decode_for(ref, message.payload)
+        except ProtocolError as e:
+            log.warning("%s: ignoring message on %s: %s", self.name, message.topic, e)
+            return
+        if isinstance(msg, m.ServiceStatus):
+            replica.on_status(msg)
+        elif isinstance(msg, m.Done):
+            replica.on_done(msg)
 
     def _check_own_state(self, conn: Connection, message: Message) -> None:
         """Re-assert 'online' when a stale Will (or a wrong 'lost') overwrote our state."""

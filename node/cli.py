@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from mqinfer import options, session
 from node.agent import NodeAgent
 from node.capabilities import probe_host, probe_runtimes
+from node.runtimes import available_backends
 
 log = logging.getLogger("mqinfer.node")
 
@@ -42,6 +44,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="KEY=VALUE",
         help="a label placement constraints can match; repeatable",
     )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=options.env("CACHE_DIR", ""),
+        help="where model artifacts are cached by sha256 (env MQINFER_CACHE_DIR; "
+        "default ~/.cache/mqinfer/NODE_ID)",
+    )
+    p.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=float(options.env("MAX_REQUEST_MB", "16")),
+        help="largest inference request accepted, in MB; bigger ones get a too_large "
+        "error (env MQINFER_MAX_REQUEST_MB; default %(default)s)",
+    )
     options.add_common(p)
     p.set_defaults(func=run, parser=p)
 
@@ -61,6 +77,19 @@ def run(args: argparse.Namespace) -> int:
         ", ".join(f"{k} {r.version}" for k, r in probe.runtimes.items()) or "none",
         ", ".join(a.kind for a in probe.accelerators),
     )
-    agent = NodeAgent(node_id, topics, probe, host, args.heartbeat, dict(args.label))
+    if args.max_request_mb <= 0:
+        args.parser.error("--max-request-mb: expected a number > 0")
+    backends = available_backends()
+    agent = NodeAgent(
+        node_id,
+        topics,
+        probe,
+        host,
+        args.heartbeat,
+        dict(args.label),
+        backends=backends,
+        cache_dir=Path(args.cache_dir) if str(args.cache_dir) else None,
+        max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+    )
     stop = options.stop_on_signals()
     return session.run(agent, url, stop, protocol=args.mqtt_version)

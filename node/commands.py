@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from mqinfer.client import Connection, Message
+from pydantic import ValidationError
+
+from mqinfer.client import Connection, Message, MQTTError
+from node.serving import Replica
 from protocol import codec
 from protocol import messages as m
 from protocol.errors import Code, ProtocolError
@@ -31,7 +35,77 @@ def _announce(agent: NodeAgent, conn: Connection, _cmd: m.Command) -> dict[str, 
     return {"session": agent.session}
 
 
+def _deploy(agent: NodeAgent, conn: Connection, cmd: m.Command) -> dict[str, Any]:
+    """Fetch the artifact, load and warm the model, subscribe, then answer 'ready'."""
+    spec = _spec(cmd)
+    with agent.provision_lock:
+        current = agent.replicas.get(spec.name)
+        if current is not None and current.spec == spec and current.state == "ready":
+            return {"service": spec.name, "state": "ready", "already": True}
+        if current is not None:
+            _remove(agent, conn, spec.name)
+        backend = agent.backends.get(spec.format)
+        if backend is None:
+            raise ProtocolError(
+                Code.UNSUPPORTED_FORMAT,
+                f"{spec.model} is {spec.format!r}; this node runs {sorted(agent.backends)}",
+            )
+        path = agent.store.get(conn, spec.artifact, spec.format, agent.fetch_timeout)
+        replica = Replica(
+            node_id=agent.node_id,
+            spec=spec,
+            path=path,
+            backend=backend,
+            topics=agent.topics,
+            send=agent.send,
+            max_request_bytes=agent.max_request_bytes,
+        )
+        detail = replica.load()
+        agent.replicas[spec.name] = replica
+        # Subscribed before the reply: once the coordinator lists us as ready, we see every
+        # request the other replicas see ([T-SERVE-1]).
+        conn.subscribe([(f, 1) for f in replica.filters()])
+        replica.start()
+    agent.announce(conn)  # the cache changed
+    log.info("%s: serving %s (%s)", agent.name, spec.name, spec.model)
+    return {"service": spec.name, "state": "ready", **detail}
+
+
+def _undeploy(agent: NodeAgent, conn: Connection, cmd: m.Command) -> dict[str, Any]:
+    name = cmd.args.get("service")
+    if not isinstance(name, str):
+        raise ProtocolError(Code.BAD_MESSAGE, "undeploy needs args.service (a service name)")
+    with agent.provision_lock:
+        removed = _remove(agent, conn, name)
+    return {"service": name, "removed": removed}
+
+
+def _remove(agent: NodeAgent, conn: Connection, name: str) -> bool:
+    replica = agent.replicas.pop(name, None)
+    if replica is None:
+        return False
+    try:
+        conn.unsubscribe(replica.filters())
+    except MQTTError as e:
+        log.debug("unsubscribe %s: %s", name, e)
+    replica.stop()
+    log.info("%s: stopped serving %s", agent.name, name)
+    return True
+
+
+def _spec(cmd: m.Command) -> m.ServiceSpec:
+    try:
+        return m.ServiceSpec.model_validate(cmd.args.get("spec"))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "spec"
+        raise ProtocolError(Code.BAD_MESSAGE, f"deploy args.spec.{where}: {first['msg']}") from None
+
+
 OPS: dict[str, Handler] = {"ping": _ping, "announce": _announce}
+# Slow operations wait on the broker and on the runtime: each runs on its own thread and
+# answers from there.
+SLOW_OPS: dict[str, Handler] = {"deploy": _deploy, "undeploy": _undeploy}
 
 
 class CommandHandler:
@@ -47,23 +121,48 @@ class CommandHandler:
         try:
             cmd = codec.decode_as(m.Command, message.payload)
             cmd_id = cmd.id
+            slow = SLOW_OPS.get(cmd.op)
+            if slow is not None:
+                threading.Thread(
+                    target=self._run, args=(conn, cmd, slow), name=f"cmd-{cmd.op}", daemon=True
+                ).start()
+                return
             op = OPS.get(cmd.op)
             if op is None:
                 raise ProtocolError(
                     Code.UNKNOWN_COMMAND,
-                    f"unknown op {cmd.op!r}; this node accepts {sorted(OPS)}",
+                    f"unknown op {cmd.op!r}; this node accepts {sorted([*OPS, *SLOW_OPS])}",
                 )
-            reply = m.CommandReply(
-                node=self.agent.node_id, id=cmd_id, ok=True, result=op(self.agent, conn, cmd)
-            )
+            reply = self._ok(cmd, op(self.agent, conn, cmd))
         except ProtocolError as e:
-            log.warning("%s: bad command: %s", self.agent.name, e)
-            reply = m.CommandReply(
-                node=self.agent.node_id,
-                id=cmd_id or _peek_id(message.payload),
-                ok=False,
-                error=m.ErrorInfo(code=e.code, message=e.message),
-            )
+            reply = self._error(cmd_id or _peek_id(message.payload), e)
+        self._send(conn, reply)
+
+    def _run(self, conn: Connection, cmd: m.Command, op: Handler) -> None:
+        try:
+            reply = self._ok(cmd, op(self.agent, conn, cmd))
+        except ProtocolError as e:
+            reply = self._error(cmd.id, e)
+        except MQTTError as e:
+            reply = self._error(cmd.id, ProtocolError(Code.INTERNAL, f"broker: {e}"))
+        try:
+            self._send(conn, reply)
+        except MQTTError as e:
+            log.warning("%s: reply to %s lost: %s", self.agent.name, cmd.op, e)
+
+    def _ok(self, cmd: m.Command, result: dict[str, Any]) -> m.CommandReply:
+        return m.CommandReply(node=self.agent.node_id, id=cmd.id, ok=True, result=result)
+
+    def _error(self, cmd_id: str | None, e: ProtocolError) -> m.CommandReply:
+        log.warning("%s: command failed: %s", self.agent.name, e)
+        return m.CommandReply(
+            node=self.agent.node_id,
+            id=cmd_id,
+            ok=False,
+            error=m.ErrorInfo(code=e.code, message=e.message),
+        )
+
+    def _send(self, conn: Connection, reply: m.CommandReply) -> None:
         conn.publish(self.agent.topics.node_reply(self.agent.node_id), codec.encode(reply))
 
 

@@ -176,6 +176,8 @@ class ServiceSpec(Wire):
     workers: int = Field(1, ge=1, le=64, description="Worker threads (interpreters) per replica")
     threads: int = Field(1, ge=1, le=64, description="Runtime threads per worker")
     queue: int = Field(32, ge=1, le=100_000, description="Queued requests per replica")
+    manifest: Manifest | None = Field(None, description="Inputs, preprocessing and labels")
+    revision: str = Field("", description="Set by each deploy; echoed in the status")
 
 
 ReplicaState = Literal["deploying", "ready", "failed", "removing"]
@@ -201,6 +203,7 @@ class ServiceStatus(Wire):
     replicas: list[ReplicaStatus] = Field(default_factory=list)
     want: int = Field(0, ge=0, description="Replicas asked for")
     artifact: str | None = None
+    revision: str | None = Field(None, description="The spec revision this status is for")
     ts: float | None = None
 
     def ready_nodes(self) -> list[str]:

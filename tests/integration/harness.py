@@ -254,6 +254,8 @@ class Procs:
             node_id,
             "--heartbeat",
             "0.5",
+            "--cache-dir",
+            str(self.tmp_path / f"cache-{node_id}"),
             *extra,
         )
 

@@ -1,0 +1,91 @@
+"""Where a service's replicas go: pure functions over the registry, no I/O.
+
+A node is eligible when it is online with known capabilities, runs the model's format,
+has the memory, and matches the spec's constraints. Eligible nodes are ranked by speed:
+cores not already busy (load average), an accelerator the spec asks for, the artifact
+already cached, and fewer services already running.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from coordinator.registry import NodeRecord
+from protocol import messages as m
+
+MEMORY_HEADROOM_MB = 64  # beyond the model itself (runtime, buffers, the agent)
+MEMORY_FACTOR = 3  # a loaded model takes a few times its file size (arena, copies)
+
+
+def memory_needed_mb(spec: m.ServiceSpec) -> int:
+    per_worker = spec.size * MEMORY_FACTOR / 2**20
+    return int(per_worker * spec.workers) + MEMORY_HEADROOM_MB
+
+
+def why_not(spec: m.ServiceSpec, rec: NodeRecord) -> str | None:
+    """None when `rec` can run `spec`, else the reason it cannot."""
+    if rec.state != "online":
+        return rec.state
+    caps = rec.caps
+    if caps is None:
+        return "capabilities not known yet"
+    if spec.format not in caps.formats:
+        return f"cannot run {spec.format} (runs {', '.join(caps.formats) or 'nothing'})"
+    kinds = {a.kind for a in caps.accelerators}
+    want = spec.constraints.accelerator
+    if want is not None and want not in kinds:
+        return f"no {want} accelerator (has {', '.join(sorted(kinds))})"
+    for key, value in spec.constraints.labels.items():
+        if caps.labels.get(key) != value:
+            return f"label {key}={value} not set"
+    available = rec.heartbeat.memory_available_mb if rec.heartbeat else caps.host.memory_total_mb
+    need = memory_needed_mb(spec)
+    if available < need:
+        return f"{available} MB available, needs {need} MB"
+    return None
+
+
+def score(spec: m.ServiceSpec, rec: NodeRecord) -> float:
+    """Higher is better. Free cores dominate; the rest break ties."""
+    assert rec.caps is not None
+    cores = rec.caps.host.cores
+    load = rec.heartbeat.load[0] if rec.heartbeat else 0.0
+    free = max(cores - load, 0.25)
+    services = len(rec.heartbeat.services) if rec.heartbeat else 0
+    value = free / (1 + services)
+    if spec.artifact and spec.artifact in rec.caps.models:
+        value += 0.1
+    want = spec.constraints.accelerator
+    if want is not None and want != "cpu":
+        value += 10.0
+    return value
+
+
+@dataclass(frozen=True)
+class Placement:
+    chosen: list[str]
+    refused: dict[str, str]  # node -> why it could not take a replica
+
+
+def place(
+    spec: m.ServiceSpec,
+    nodes: dict[str, NodeRecord],
+    count: int,
+    exclude: dict[str, str],
+) -> Placement:
+    """Choose up to `count` nodes for new replicas, never one in `exclude` (node -> why:
+    it already has a replica, or failed to deploy this spec)."""
+    refused: dict[str, str] = {}
+    ranked: list[tuple[float, str]] = []
+    for node_id in sorted(nodes):
+        if node_id in exclude:
+            refused[node_id] = exclude[node_id]
+            continue
+        rec = nodes[node_id]
+        reason = why_not(spec, rec)
+        if reason is None:
+            ranked.append((score(spec, rec), node_id))
+        else:
+            refused[node_id] = reason
+    ranked.sort(key=lambda pair: (-pair[0], pair[1]))
+    return Placement([node for _, node in ranked[:count]], refused)

@@ -1,0 +1,278 @@
+"""`mqinfer deploy` and `mqinfer undeploy`: desired state in, status out.
+
+Deploying uploads the model artifact (unless the broker has it), publishes the retained
+service spec, and with --wait follows the retained status until the coordinator reports
+the service ready or failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from mqinfer import options
+from mqinfer.client import BrokerURL, Connection, Message, MQTTError
+from mqinfer.servicefile import (
+    ModelFile,
+    ServiceFile,
+    SpecFileError,
+    load_spec_file,
+    read_model,
+    service_spec,
+)
+from mqinfer.upload import Uploader, progress_bar
+from protocol import codec
+from protocol import messages as m
+from protocol.errors import ProtocolError
+from protocol.topics import Topics
+
+EXIT_FAILED = 1  # the service failed (reason printed)
+EXIT_TIMEOUT = 4  # --wait ran out of time
+
+
+class _Follower:
+    """Collects the statuses of one service (and artifact metas for the uploader)."""
+
+    def __init__(self, topics: Topics, name: str) -> None:
+        self.topics = topics
+        self.name = name
+        self.status: m.ServiceStatus | None = None
+        self.cleared = False
+        self.changed = threading.Condition()
+        self.uploader: Uploader | None = None
+
+    def on_message(self, message: Message) -> None:
+        if self.uploader is not None:
+            self.uploader.on_message(message)
+        if message.topic != self.topics.service_status(self.name):
+            return
+        with self.changed:
+            if not message.payload:
+                self.status, self.cleared = None, True
+            else:
+                try:
+                    msg = codec.decode_as(m.ServiceStatus, message.payload)
+                except ProtocolError:
+                    return
+                self.status, self.cleared = msg, False
+            self.changed.notify_all()
+
+
+def _connect(url: BrokerURL, protocol: str, follower: _Follower, what: str) -> Connection:
+    conn = Connection(
+        url, f"mqinfer-{what}-{uuid.uuid4().hex[:12]}", follower.on_message, protocol=protocol
+    )
+    conn.open()
+    return conn
+
+
+def _replicas(status: m.ServiceStatus) -> str:
+    return ", ".join(f"{r.node} {r.state}" for r in status.replicas) or "none"
+
+
+def deploy(
+    url: BrokerURL,
+    topics: Topics,
+    spec_file: ServiceFile,
+    model: ModelFile,
+    wait: float | None,
+    protocol: str = "auto",
+) -> int:
+    revision = uuid.uuid4().hex[:12]
+    spec = service_spec(spec_file, model, revision)
+    follower = _Follower(topics, spec.name)
+    conn = _connect(url, protocol, follower, "deploy")
+    try:
+        uploader = follower.uploader = Uploader(conn, topics)
+        sent = uploader.upload(
+            model.sha256,
+            model.data,
+            model.path.name,
+            model.format,
+            model.manifest,
+            progress_bar(f"uploading {model.path.name}"),
+        )
+        print(
+            f"artifact {model.sha256[:12]} ({model.path.name}, {len(model.data)} bytes): "
+            + ("uploaded" if sent else "already on the broker"),
+            file=sys.stderr,
+        )
+        conn.subscribe([(topics.service_status(spec.name), 1)])
+        conn.publish_wait(topics.service_spec(spec.name), codec.encode(spec), retain=True)
+        print(f"service {spec.name}: spec published (revision {revision})", file=sys.stderr)
+        if wait is None:
+            return 0
+        deadline = time.monotonic() + wait
+        with follower.changed:
+            while True:
+                st = follower.status
+                if st is not None and st.revision == revision:
+                    if st.state == "ready":
+                        print(f"service {spec.name}: ready on {_replicas(st)}")
+                        return 0
+                    if st.state in ("failed", "degraded") and not any(
+                        r.state == "deploying" for r in st.replicas
+                    ):
+                        print(f"service {spec.name}: {st.state}: {st.reason}", file=sys.stderr)
+                        return EXIT_FAILED if st.state == "failed" else 0
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    now = f"{st.state} ({_replicas(st)})" if st else "no status yet"
+                    print(
+                        f"service {spec.name}: not ready after {wait:.0f} s: {now}; "
+                        "is a coordinator running?",
+                        file=sys.stderr,
+                    )
+                    return EXIT_TIMEOUT
+                follower.changed.wait(min(left, 0.5))
+    finally:
+        conn.close()
+
+
+def undeploy(
+    url: BrokerURL, topics: Topics, name: str, wait: float | None, protocol: str = "auto"
+) -> int:
+    follower = _Follower(topics, name)
+    conn = _connect(url, protocol, follower, "undeploy")
+    try:
+        conn.subscribe([(topics.service_status(name), 1)])
+        conn.publish_wait(topics.service_spec(name), b"", retain=True)
+        print(f"service {name}: spec removed", file=sys.stderr)
+        if wait is None:
+            return 0
+        deadline = time.monotonic() + wait
+        with follower.changed:
+            while True:
+                st = follower.status
+                if follower.cleared or (st is not None and st.state == "removed"):
+                    print(f"service {name}: removed")
+                    return 0
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    print(
+                        f"service {name}: still {st.state if st else 'unknown'} after "
+                        f"{wait:.0f} s; is a coordinator running?",
+                        file=sys.stderr,
+                    )
+                    return EXIT_TIMEOUT
+                follower.changed.wait(min(left, 0.5))
+    finally:
+        conn.close()
+
+
+# ---- command line -------------------------------------------------------------------------
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "deploy",
+        help="deploy a model as a service (uploads the model over MQTT)",
+        description="Deploy a service from a spec file (YAML or JSON: name, model, replicas, "
+        "constraints) or straight from a model file with --model and --name. The model "
+        "travels to the nodes over the broker; a manifest beside the model (same name, "
+        ".json) adds preprocessing and labels. The coordinator places the replicas.",
+    )
+    p.add_argument("spec", nargs="?", type=Path, help="service spec file (.yaml or .json)")
+    p.add_argument("--model", type=Path, help="a .tflite, _edgetpu.tflite or .onnx file")
+    p.add_argument("--name", help="service name (with --model)")
+    p.add_argument("--replicas", type=int, help="replicas (overrides the spec file)")
+    p.add_argument(
+        "--accelerator",
+        choices=["cpu", "edgetpu", "gpu", "openvino", "npu"],
+        help="only nodes with this accelerator kind",
+    )
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only nodes with this label; repeatable",
+    )
+    _add_wait(p, "until the service is ready or failed")
+    options.add_common(p)
+    p.set_defaults(func=_run_deploy, parser=p)
+
+    u = sub.add_parser(
+        "undeploy",
+        help="remove a service",
+        description="Remove a service: the coordinator stops its replicas on every node.",
+    )
+    u.add_argument("name", help="service name")
+    _add_wait(u, "until every replica is stopped")
+    options.add_common(u)
+    u.set_defaults(func=_run_undeploy, parser=u)
+
+
+def _add_wait(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--wait", action="store_true", help=f"block {what}")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds --wait waits (default %(default)s); exit 4 on timeout",
+    )
+
+
+def _run_deploy(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.parser
+    url, topics = options.resolve(parser, args)
+    if (args.spec is None) == (args.model is None):
+        parser.error("give a spec file, or --model PATH --name NAME (not both)")
+    if args.model is not None and not args.name:
+        parser.error("--model needs --name (the service name)")
+    if args.replicas is not None and args.replicas < 0:
+        parser.error("--replicas: expected 0 or more")
+    labels = {}
+    for text in args.label:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            parser.error(f"--label: expected KEY=VALUE, got {text!r}")
+        labels[key] = value
+    try:
+        if args.spec is not None:
+            spec_file, model = load_spec_file(args.spec)
+        else:
+            spec_file = ServiceFile(name=args.name, model=str(args.model))
+            model = read_model(args.model)
+        update: dict[str, object] = {}
+        if args.replicas is not None:
+            update["replicas"] = args.replicas
+        if args.accelerator or labels:
+            update["constraints"] = m.Constraints(
+                accelerator=args.accelerator or spec_file.constraints.accelerator,
+                labels={**spec_file.constraints.labels, **labels},
+            )
+        spec_file = spec_file.model_copy(update=update)
+        return deploy(
+            url,
+            topics,
+            spec_file,
+            model,
+            args.timeout if args.wait else None,
+            args.mqtt_version,
+        )
+    except (SpecFileError, ValueError) as e:
+        print(f"mqinfer deploy: {e}", file=sys.stderr)
+        return 2
+    except MQTTError as e:
+        print(f"mqinfer deploy: broker {url}: {e}", file=sys.stderr)
+        return 1
+
+
+def _run_undeploy(args: argparse.Namespace) -> int:
+    url, topics = options.resolve(args.parser, args)
+    try:
+        topics.service_spec(args.name)
+    except ValueError as e:
+        args.parser.error(str(e))
+    try:
+        return undeploy(
+            url, topics, args.name, args.timeout if args.wait else None, args.mqtt_version
+        )
+    except MQTTError as e:
+        print(f"mqinfer undeploy: broker {url}: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,141 @@
+"""`mqinfer infer SERVICE FILE...`: send files as requests and print the results.
+
+Each file goes to `services/{service}/request/{id}` and its result comes back on
+`services/{service}/result/{id}`, which works on MQTT 3.1.1 and 5 alike. The payload is the
+file's bytes as they are: the node tells PNG, JPEG, .npy, JSON and raw tensors apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from mqinfer import options
+from mqinfer.client import BrokerURL, Connection, Message, MQTTError
+from protocol.topics import Topics
+
+EXIT_ERRORS = 1  # some request got an error result
+EXIT_TIMEOUT = 4  # some request got no result in time
+
+
+def request(
+    url: BrokerURL,
+    topics: Topics,
+    service: str,
+    payloads: list[bytes],
+    timeout: float = 30.0,
+    protocol: str = "auto",
+) -> list[dict[str, Any] | None]:
+    """Send each payload as a request; the results in order (None: none in time)."""
+    base = uuid.uuid4().hex[:12]
+    ids = [f"{base}-{i}" for i in range(len(payloads))]
+    results: dict[str, dict[str, Any]] = {}
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def on_message(message: Message) -> None:
+        try:
+            ref = topics.parse(message.topic)
+            body = orjson.loads(message.payload)
+        except (ValueError, orjson.JSONDecodeError):
+            return
+        if ref.request_id in ids and isinstance(body, dict):
+            with lock:
+                results.setdefault(ref.request_id, body)
+                if len(results) == len(ids):
+                    done.set()
+
+    conn = Connection(url, f"mqinfer-infer-{base}", on_message, protocol=protocol)
+    conn.open()
+    try:
+        conn.subscribe([(topics.service_result(service) + "/+", 1)])
+        for rid, payload in zip(ids, payloads, strict=True):
+            conn.publish(topics.service_request(service, rid), payload, qos=1)
+        done.wait(timeout) if ids else None
+        with lock:
+            return [results.get(rid) for rid in ids]
+    finally:
+        conn.close()
+
+
+def describe(result: dict[str, Any]) -> str:
+    """One line a person can read."""
+    if not result.get("ok"):
+        err = result.get("error") or {}
+        return f"error {err.get('code')}: {err.get('message')}"
+    where = f"[{result.get('node')}, {result.get('timing', {}).get('total_ms', 0):.1f} ms]"
+    top = result.get("top")
+    if top:
+        best = top[0]
+        return f"{best['label']} ({best['score']:.3f}) {where}"
+    shapes = ", ".join(f"{o['name']} {o['dtype']}{o['shape']}" for o in result.get("outputs", []))
+    return f"{shapes} {where}"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "infer",
+        help="send files to a service and print the results",
+        description="Send each FILE (PNG, JPEG, .npy, JSON or raw tensor bytes) to the "
+        "service and print one line per result, or the result JSON with --json. "
+        "Exit 1 if a result is an error, 4 if one did not come in time.",
+    )
+    p.add_argument("service", help="service name")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print each result as JSON, one a line")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for all results (default %(default)s)",
+    )
+    options.add_common(p)
+    p.set_defaults(func=run, parser=p)
+
+
+def run(args: argparse.Namespace) -> int:
+    url, topics = options.resolve(args.parser, args)
+    try:
+        topics.service_request(args.service)
+    except ValueError as e:
+        args.parser.error(str(e))
+    payloads = []
+    for path in args.files:
+        try:
+            payloads.append(path.read_bytes())
+        except OSError as e:
+            args.parser.error(f"{path}: {e.strerror}")
+    start = time.monotonic()
+    try:
+        results = request(url, topics, args.service, payloads, args.timeout, args.mqtt_version)
+    except MQTTError as e:
+        print(f"mqinfer infer: broker {url}: {e}", file=sys.stderr)
+        return 1
+    status = 0
+    for path, result in zip(args.files, results, strict=True):
+        if result is None:
+            status = EXIT_TIMEOUT
+            line = f"no result within {args.timeout:.0f} s (is the service deployed?)"
+            print(
+                f"{path}: {line}"
+                if not args.json
+                else orjson.dumps(
+                    {"file": str(path), "ok": False, "error": {"code": "timeout", "message": line}}
+                ).decode()
+            )
+            continue
+        if not result.get("ok") and status == 0:
+            status = EXIT_ERRORS
+        if args.json:
+            print(orjson.dumps({"file": str(path), **result}).decode())
+        else:
+            print(f"{path}: {describe(result)}")
+    print(f"{len(results)} results in {time.monotonic() - start:.2f} s", file=sys.stderr)
+    return status

@@ -1,0 +1,128 @@
+"""TFLite models on LiteRT (`ai_edge_litert`), or on the older `tflite_runtime`.
+
+Both packages expose the same `Interpreter`, so one backend serves either; it is given
+the interpreter module that imported. The Edge TPU backend reuses `LiteRTModel` with the
+Edge TPU delegate attached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from node.runtimes.base import RuntimeFailure, check_arity, describe
+from node.sysinfo import one_line
+from protocol.manifest import Quantization, TensorInfo
+
+RUNTIME_NAMES = {"litert": "LiteRT", "tflite_runtime": "tflite_runtime"}
+
+
+def tensor_info(detail: dict[str, Any]) -> TensorInfo:
+    """A TensorInfo from one entry of get_input_details() / get_output_details()."""
+    signature = detail.get("shape_signature")
+    shape = signature if signature is not None and len(signature) else detail["shape"]
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    quantization = None
+    if scale:
+        quantization = Quantization(scale=float(scale), zero_point=int(zero_point))
+    return TensorInfo(
+        name=str(detail["name"]),
+        dtype=np.dtype(detail["dtype"]).name,
+        shape=[int(d) for d in shape],
+        quantization=quantization,
+    )
+
+
+def _fits(shape: Sequence[int], signature: Sequence[int]) -> bool:
+    return len(shape) == len(signature) and all(
+        want < 0 or got == want for got, want in zip(shape, signature, strict=True)
+    )
+
+
+class LiteRTModel:
+    """One TFLite interpreter. Not thread-safe."""
+
+    def __init__(self, interpreter: Any, path: str, runtime: str) -> None:
+        self._interpreter: Any = interpreter
+        self._path = path
+        self._runtime = runtime
+        inputs = interpreter.get_input_details()
+        outputs = interpreter.get_output_details()
+        self.inputs = [tensor_info(d) for d in inputs]
+        self.outputs = [tensor_info(d) for d in outputs]
+        self._input_index = [int(d["index"]) for d in inputs]
+        self._output_index = [int(d["index"]) for d in outputs]
+        self._allocated = [tuple(int(x) for x in d["shape"]) for d in inputs]
+        self._dtypes = [np.dtype(spec.dtype) for spec in self.inputs]
+
+    def _resize(self, position: int, shape: tuple[int, ...]) -> None:
+        """Resize an input whose new shape differs only in dynamic dimensions."""
+        spec = self.inputs[position]
+        if not _fits(shape, spec.shape):
+            got = ",".join(str(d) for d in shape)
+            raise RuntimeFailure(f"input {describe(spec)} cannot take an array of shape [{got}]")
+        self._interpreter.resize_tensor_input(self._input_index[position], list(shape), strict=True)
+        self._allocated[position] = shape
+
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        interpreter = self._interpreter
+        if interpreter is None:
+            raise RuntimeFailure(f"{self._path} is closed")
+        check_arity(inputs, self.inputs)
+        resized = False
+        for position, array in enumerate(inputs):
+            if array.dtype != self._dtypes[position]:
+                spec = describe(self.inputs[position])
+                raise RuntimeFailure(f"input {spec} cannot take a {array.dtype.name} array")
+            if array.shape != self._allocated[position]:
+                self._resize(position, array.shape)
+                resized = True
+        try:
+            if resized:
+                interpreter.allocate_tensors()
+            for index, array in zip(self._input_index, inputs, strict=True):
+                interpreter.set_tensor(index, array)
+            interpreter.invoke()
+            # get_tensor returns a copy, never a view of the interpreter's buffers
+            return [interpreter.get_tensor(index) for index in self._output_index]
+        except Exception as exc:
+            raise RuntimeFailure(
+                f"{self._runtime} failed running {self._path}: {one_line(exc)}"
+            ) from exc
+
+    def close(self) -> None:
+        self._interpreter = None
+
+
+def open_interpreter(
+    module: ModuleType,
+    runtime: str,
+    path: str,
+    threads: int,
+    delegates: list[Any] | None = None,
+) -> LiteRTModel:
+    """Create and allocate an interpreter for the model file, or raise RuntimeFailure."""
+    try:
+        interpreter = module.Interpreter(
+            model_path=path, num_threads=max(1, threads), experimental_delegates=delegates
+        )
+        interpreter.allocate_tensors()
+        return LiteRTModel(interpreter, path, runtime)
+    except Exception as exc:
+        raise RuntimeFailure(f"{runtime} cannot load {path}: {one_line(exc)}") from exc
+
+
+class LiteRTBackend:
+    """Plain .tflite models on the CPU (XNNPACK)."""
+
+    formats: tuple[str, ...] = ("tflite",)
+
+    def __init__(self, module: ModuleType, key: str = "litert") -> None:
+        self.key = key
+        self._module = module
+
+    def load(self, path: str, threads: int) -> LiteRTModel:
+        return open_interpreter(self._module, RUNTIME_NAMES.get(self.key, self.key), path, threads)

@@ -1,0 +1,291 @@
+"""One service replica on a node: its models, worker threads, bounded queue and routing.
+
+Requests arrive on the MQTT network thread (`on_request`), which only decides who owns
+them (node.routing) and queues them. Worker threads, each with its own interpreter, decode
+the payload, run the model and publish the result, then a `done` notice so the other
+replicas forget the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mqinfer.client import Message
+from node.runtimes import Backend, Model, RuntimeFailure, warm_up
+from protocol import codec, replies
+from protocol import messages as m
+from protocol.errors import Code, ProtocolError
+from protocol.manifest import Manifest
+from protocol.payload import decode_request, encode_outputs, result_json, top_k
+from protocol.routing import Witness, Witnessed, owner, request_key
+from protocol.topics import Ref, Topics
+
+log = logging.getLogger("mqinfer.node")
+
+# send(topic, payload, qos, correlation_data): publish without blocking.
+Send = Callable[[str, bytes, int, bytes | None], None]
+
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class Job:
+    message: Message
+    ref: Ref
+    key: str
+    received: float  # monotonic
+    deadline: float  # monotonic
+
+
+class Replica:
+    """A loaded model serving one service. Created by the deploy command."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        spec: m.ServiceSpec,
+        path: Path,
+        backend: Backend,
+        topics: Topics,
+        send: Send,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ) -> None:
+        self.node_id = node_id
+        self.spec = spec
+        self.name = spec.name
+        self.path = path
+        self.backend = backend
+        self.topics = topics
+        self.send = send
+        self.max_request_bytes = max_request_bytes
+        self.manifest: Manifest | None = spec.manifest
+        self.state = "loading"
+        self.ready: list[str] = []  # ready replicas per the last status the broker delivered
+        self.served = 0
+        self._models: list[Model] = []
+        self._threads: list[threading.Thread] = []
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=spec.queue)
+        self._witness: Witness[Job] = Witness()
+        self._lock = threading.Lock()  # witness, ready, counters
+        self._running = 0
+
+    # ---- lifecycle (the deploy thread) ------------------------------------------------
+
+    def load(self) -> dict[str, Any]:
+        """Load one model per worker and warm each up; raise ProtocolError(LOAD_FAILED)."""
+        t0 = time.perf_counter()
+        try:
+            for _ in range(self.spec.workers):
+                self._models.append(self.backend.load(str(self.path), self.spec.threads))
+            t1 = time.perf_counter()
+            for model in self._models:
+                warm_up(model)
+        except RuntimeFailure as e:
+            self.close()
+            self.state = "failed"
+            raise ProtocolError(Code.LOAD_FAILED, f"{self.spec.model}: {e}") from None
+        t2 = time.perf_counter()
+        first = self._models[0]
+        return {
+            "load_ms": round((t1 - t0) * 1000, 2),
+            "warmup_ms": round((t2 - t1) * 1000, 2),
+            "inputs": [t.model_dump(exclude_none=True) for t in first.inputs],
+            "outputs": [t.model_dump(exclude_none=True) for t in first.outputs],
+        }
+
+    def filters(self) -> list[str]:
+        return [
+            *self.topics.service_requests(self.name),
+            self.topics.service_status(self.name),
+            self.topics.service_done(self.name),
+        ]
+
+    def start(self) -> None:
+        for i, model in enumerate(self._models):
+            t = threading.Thread(
+                target=self._work, args=(model,), name=f"{self.name}-worker-{i}", daemon=True
+            )
+            t.start()
+            self._threads.append(t)
+        self.state = "ready"
+
+    def stop(self) -> None:
+        self.state = "removing"
+        self._drain()
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
+        self.close()
+
+    def close(self) -> None:
+        for model in self._models:
+            model.close()
+        self._models.clear()
+
+    @property
+    def inflight(self) -> int:
+        return self._queue.qsize() + self._running
+
+    # ---- incoming (network thread) ----------------------------------------------------
+
+    def on_request(self, ref: Ref, message: Message) -> None:
+        now = time.monotonic()
+        key = request_key(
+            message.topic, message.payload, message.correlation_data, message.response_topic
+        )
+        job = Job(message, ref, key, now, now + self.spec.deadline_ms / 1000)
+        with self._lock:
+            mine = owner(key, self.ready)
+            log.debug("%s: request %s on %s: owner %s of %s", self.name, key, message.topic,
+                      mine, self.ready)
+            if mine != self.node_id:
+                self._witness.add(Witnessed(key, mine, job.deadline, job, len(message.payload)))
+                return
+        self._enqueue(job)
+
+    def on_status(self, status: m.ServiceStatus) -> None:
+        ready = status.ready_nodes()
+        log.debug("%s: status %s, ready %s", self.name, status.state, ready)
+        with self._lock:
+            if ready == self.ready:
+                return
+            self.ready = ready
+            mine = self._witness.reassign(ready, self.node_id)
+        if self.node_id not in ready:
+            # Another replica now owns what we had queued: the witnesses re-serve it.
+            self._drain()
+        if mine:
+            log.info("%s: serving %d requests of a replica that left", self.name, len(mine))
+        for entry in mine:
+            self._enqueue(entry.item)
+
+    def on_done(self, done: m.Done) -> None:
+        if done.node == self.node_id:
+            return
+        with self._lock:
+            self._witness.done(done.keys)
+
+    def tick(self, now: float) -> None:
+        with self._lock:
+            self._witness.expire(now)
+
+    def _enqueue(self, job: Job) -> None:
+        if len(job.message.payload) > self.max_request_bytes:
+            self._fail(job, Code.TOO_LARGE, self._too_large(len(job.message.payload)))
+            return
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self._fail(
+                job,
+                Code.BUSY,
+                f"replica on {self.node_id} has {self.spec.queue} requests queued; retry later",
+            )
+
+    def _too_large(self, size: int) -> str:
+        return f"request is {size} bytes; this node accepts at most {self.max_request_bytes}"
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    # ---- workers ----------------------------------------------------------------------
+
+    def _work(self, model: Model) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            with self._lock:
+                self._running += 1
+            try:
+                self._serve(model, job)
+            except Exception:
+                log.exception("%s: request %s failed", self.name, job.key)
+                self._fail(job, Code.INTERNAL, "the node failed while serving this request")
+            finally:
+                with self._lock:
+                    self._running -= 1
+
+    def _serve(self, model: Model, job: Job) -> None:
+        start = time.monotonic()
+        if start > job.deadline:
+            waited = (start - job.received) * 1000
+            self._fail(
+                job,
+                Code.TIMEOUT,
+                f"waited {waited:.0f} ms for a worker; the deadline is {self.spec.deadline_ms} ms",
+            )
+            return
+        request_id = self._request_id(job, None)
+        try:
+            decoded = decode_request(
+                job.message.payload,
+                model.inputs,
+                self.manifest.preprocessing if self.manifest else None,
+                max_bytes=self.max_request_bytes,
+            )
+            request_id = self._request_id(job, decoded.request_id)
+            t1 = time.monotonic()
+            outputs = model.run(decoded.arrays)
+            t2 = time.monotonic()
+        except ProtocolError as e:
+            self._reply(job, self._error(request_id, e.code, e.message))
+            return
+        except RuntimeFailure as e:
+            self._reply(job, self._error(request_id, Code.INFERENCE_FAILED, str(e)))
+            return
+        labels = self.manifest.labels if self.manifest else []
+        top = top_k(outputs[0], model.outputs[0], labels) if labels else None
+        end = time.monotonic()
+        payload = result_json(
+            request_id=request_id,
+            service=self.name,
+            node=self.node_id,
+            ok=True,
+            outputs=encode_outputs(outputs, model.outputs),
+            top=top,
+            timing={
+                "queue_ms": (start - job.received) * 1000,
+                "inference_ms": (t2 - t1) * 1000,
+                "total_ms": (end - job.received) * 1000,
+            },
+        )
+        self.served += 1
+        self._reply(job, payload)
+
+    # ---- answering --------------------------------------------------------------------
+
+    def _request_id(self, job: Job, from_body: str | None) -> str:
+        return replies.request_id(job.ref, job.message.correlation_data, from_body, job.key)
+
+    def _error(self, request_id: str, code: Code, message: str) -> bytes:
+        return result_json(
+            request_id=request_id,
+            service=self.name,
+            node=self.node_id,
+            ok=False,
+            error=(str(code), message),
+        )
+
+    def _fail(self, job: Job, code: Code, message: str) -> None:
+        self._reply(job, self._error(self._request_id(job, None), code, message))
+
+    def _reply(self, job: Job, payload: bytes) -> None:
+        msg = job.message
+        topic = replies.result_topic(self.topics, self.name, job.ref, msg.response_topic)
+        self.send(topic, payload, 1, msg.correlation_data)
+        done = m.Done(node=self.node_id, keys=[job.key])
+        self.send(self.topics.service_done(self.name), codec.encode(done), 1, None)

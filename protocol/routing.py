@@ -1,0 +1,149 @@
+"""Which replica answers a request: pure logic, no I/O.
+
+Every ready replica of a service subscribes to its request topics, so every replica
+receives every request. The replicas agree, without talking, on one owner per request:
+the ready replica with the highest rendezvous hash of (request key, node id), where the
+ready set is the one in the last retained service status the broker delivered
+([T-SERVE-1]). The broker delivers the status and the requests to all replicas in the same
+order, so all replicas decide alike.
+
+The replicas that do not own a request keep it as a witness until the owner's `done`
+notice arrives. When a status drops the owner (its node was lost), each witness recomputes
+the owner among the remaining replicas, and exactly one of them serves it ([T-SERVE-2]).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+def request_key(
+    topic: str, payload: bytes, correlation: bytes | None, response_topic: str | None
+) -> str:
+    """The same for every replica that received the message; 24 hex digits."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(topic.encode())
+    h.update(b"\0")
+    h.update(correlation or b"")
+    h.update(b"\0")
+    h.update((response_topic or "").encode())
+    h.update(b"\0")
+    h.update(payload)
+    return h.hexdigest()
+
+
+def _score(key: str, node: str) -> bytes:
+    return hashlib.blake2b(f"{key}/{node}".encode(), digest_size=8).digest()
+
+
+def owner(key: str, ready: Sequence[str]) -> str | None:
+    """The replica that serves `key` among `ready` (None when none is ready)."""
+    if not ready:
+        return None
+    return max(ready, key=lambda node: (_score(key, node), node))
+
+
+@dataclass
+class Witnessed(Generic[T]):
+    key: str
+    owner: str | None
+    deadline: float  # monotonic
+    item: T
+    size: int
+
+
+class Witness(Generic[T]):
+    """Requests owned by other replicas, kept until they are done or their deadline passes.
+
+    Bounded by count and bytes: the oldest entries go first when it is full (they are the
+    ones closest to their deadline).
+    """
+
+    def __init__(self, max_items: int = 4096, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._by_key: OrderedDict[str, deque[Witnessed[T]]] = OrderedDict()
+        self._count = 0
+        self._bytes = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, entry: Witnessed[T]) -> None:
+        self._by_key.setdefault(entry.key, deque()).append(entry)
+        self._count += 1
+        self._bytes += entry.size
+        while self._count > self.max_items or self._bytes > self.max_bytes:
+            self._pop_oldest()
+            self.evicted += 1
+
+    def _pop_oldest(self) -> Witnessed[T]:
+        key, entries = next(iter(self._by_key.items()))
+        entry = entries.popleft()
+        if not entries:
+            del self._by_key[key]
+        self._count -= 1
+        self._bytes -= entry.size
+        return entry
+
+    def done(self, keys: Iterable[str]) -> None:
+        """The owner answered these (one entry per key listed)."""
+        for key in keys:
+            entries = self._by_key.get(key)
+            if not entries:
+                continue
+            entry = entries.popleft()
+            self._count -= 1
+            self._bytes -= entry.size
+            if not entries:
+                del self._by_key[key]
+
+    def expire(self, now: float) -> list[Witnessed[T]]:
+        """Drop and return entries past their deadline."""
+        gone: list[Witnessed[T]] = []
+        for key in list(self._by_key):
+            entries = self._by_key[key]
+            keep = deque(e for e in entries if e.deadline > now)
+            gone += [e for e in entries if e.deadline <= now]
+            if keep:
+                self._by_key[key] = keep
+            else:
+                del self._by_key[key]
+        for e in gone:
+            self._count -= 1
+            self._bytes -= e.size
+        return gone
+
+    def reassign(self, ready: Sequence[str], me: str) -> list[Witnessed[T]]:
+        """A new ready set: entries whose owner left it get a new owner; return (and drop)
+        those that are now ours to serve."""
+        mine: list[Witnessed[T]] = []
+        alive = set(ready)
+        for key in list(self._by_key):
+            entries = self._by_key[key]
+            keep: deque[Witnessed[T]] = deque()
+            for e in entries:
+                if e.owner is None:  # no replica was ready when it came: the coordinator
+                    self._count -= 1  # answered it with 'unavailable'
+                    self._bytes -= e.size
+                    continue
+                if e.owner not in alive:
+                    e.owner = owner(key, ready)
+                if e.owner == me:
+                    mine.append(e)
+                    self._count -= 1
+                    self._bytes -= e.size
+                else:
+                    keep.append(e)
+            if keep:
+                self._by_key[key] = keep
+            else:
+                del self._by_key[key]
+        return mine

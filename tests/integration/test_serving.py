@@ -1,0 +1,222 @@
+"""Deploying models and serving them over real brokers, with real models and real clients.
+
+Ids in brackets are the MUSTs of topics.md that a test checks.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from protocol.topics import Topics
+from tests.integration.harness import (
+    Broker,
+    InProcessCoordinator,
+    Observer,
+    Procs,
+    need_client_tool,
+    wait_for,
+)
+from tests.integration.requests import (
+    DIGITS,
+    Requester,
+    deploy,
+    digits_test_set,
+    direct,
+    png,
+    predictions,
+)
+
+
+def status(obs: Observer, prefix: str, service: str) -> dict[str, Any] | None:
+    return obs.json(Topics(prefix).service_status(service))
+
+
+def ready_on(obs: Observer, prefix: str, service: str, count: int) -> list[str]:
+    """Wait for the service to be ready with `count` ready replicas; return their nodes."""
+
+    def check() -> list[str] | None:
+        st = status(obs, prefix, service)
+        if not st or st["state"] != "ready":
+            return None
+        nodes = [r["node"] for r in st["replicas"] if r["state"] == "ready"]
+        return nodes if len(nodes) == count else None
+
+    return wait_for(check, f"{service} ready on {count} nodes", timeout=60)  # type: ignore[no-any-return]
+
+
+def check_digits(broker: Broker, prefix: str, service: str, model: str, nodes: set[str]) -> None:
+    """The whole held-out set through the system: accuracy >= 97%, outputs equal to the
+    committed model run directly, every request answered once, both replicas used."""
+    images, labels = digits_test_set()
+    req = Requester(broker, prefix, service)
+    try:
+        ids = [f"{service}-{i}" for i in range(len(images))]
+        results = req.run({rid: png(img) for rid, img in zip(ids, images, strict=True)})
+    finally:
+        req.close()
+    failed = {i: r["error"] for i, r in results.items() if not r["ok"]}
+    assert not failed, f"{len(failed)} errors, e.g. {next(iter(failed.items()))}"
+    expected = direct(model, images)
+    got = predictions(results, ids).astype(expected.dtype)
+    np.testing.assert_array_equal(got, expected)
+    accuracy = float(np.mean(got.argmax(axis=1) == labels))
+    assert accuracy >= 0.97, accuracy
+    tops = [int(results[i]["top"][0]["label"]) for i in ids]
+    assert tops == list(got.argmax(axis=1))
+    served = {r["node"] for r in results.values()}
+    assert served == nodes, f"served by {served}, expected every replica of {nodes}"
+
+
+def test_digits_on_two_nodes(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
+) -> None:
+    """[T-SERVE-1] [T-REQ-1] the spec file deploys 2 replicas; the held-out set through the
+    system is as accurate as, and equal to, the model run directly; no request twice."""
+    procs.node(broker, prefix, "n1")
+    procs.node(broker, prefix, "n2")
+    wait_for(lambda: all(coordinator.state(n) == "online" for n in ("n1", "n2")), "nodes online")
+    deploy(broker, prefix, str(DIGITS / "service.yaml"))
+    nodes = ready_on(observer, prefix, "digits", 2)
+    assert set(nodes) == {"n1", "n2"}
+    check_digits(broker, prefix, "digits", "digits_int8.tflite", {"n1", "n2"})
+
+
+def test_onnx_and_tflite_services_side_by_side(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
+) -> None:
+    """A mixed service set on the same two nodes: the ONNX model and the float TFLite one."""
+    procs.node(broker, prefix, "n1")
+    procs.node(broker, prefix, "n2")
+    wait_for(lambda: all(coordinator.state(n) == "online" for n in ("n1", "n2")), "nodes online")
+    deploy(
+        broker,
+        prefix,
+        "--model",
+        str(DIGITS / "digits.onnx"),
+        "--name",
+        "onnx-digits",
+        "--replicas",
+        "2",
+    )
+    deploy(
+        broker,
+        prefix,
+        "--model",
+        str(DIGITS / "digits_f32.tflite"),
+        "--name",
+        "tflite-digits",
+        "--replicas",
+        "2",
+    )
+    ready_on(observer, prefix, "onnx-digits", 2)
+    ready_on(observer, prefix, "tflite-digits", 2)
+    check_digits(broker, prefix, "onnx-digits", "digits.onnx", {"n1", "n2"})
+    check_digits(broker, prefix, "tflite-digits", "digits_f32.tflite", {"n1", "n2"})
+    beat = observer.json(Topics(prefix).node_heartbeat("n1"))
+    assert beat and beat["services"] == {"onnx-digits": "ready", "tflite-digits": "ready"}
+
+
+def test_mosquitto_pub_png_and_mosquitto_sub(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
+) -> None:
+    """A PNG file sent with the real mosquitto_pub -f; the result read with mosquitto_sub."""
+    pub, sub = need_client_tool("mosquitto_pub"), need_client_tool("mosquitto_sub")
+    procs.node(broker, prefix, "n1")
+    wait_for(lambda: coordinator.state("n1") == "online", "n1 online")
+    deploy(broker, prefix, "--model", str(DIGITS / "digits_int8.tflite"), "--name", "digits")
+    ready_on(observer, prefix, "digits", 1)
+    sample = sorted((DIGITS / "samples").glob("digit_*.png"))[0]
+    label = sample.name.split("_")[1]
+    t = Topics(prefix)
+    conn = ["-h", "127.0.0.1", "-p", str(broker.port), "-V", "mqttv311"]
+    reader = subprocess.Popen(
+        # line-buffered (stdbuf): -d tells when the subscription is in place
+        [
+            "stdbuf",
+            "-oL",
+            sub,
+            *conn,
+            "-d",
+            "-R",  # amqtt also sends other clients' retained messages: skip retained ones
+            "-t",
+            t.service_result("digits", "cam-1"),
+            "-C",
+            "1",
+            "-W",
+            "30",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        errors="replace",
+    )
+    assert reader.stdout is not None
+    for line in reader.stdout:
+        if "SUBACK" in line:
+            break
+    subprocess.run(
+        [pub, *conn, "-t", t.service_request("digits", "cam-1"), "-f", str(sample), "-q", "1"],
+        check=True,
+        timeout=30,
+    )
+    line = next((line for line in reader.stdout if line.startswith("{")), "")
+    reader.wait(30)
+    result = orjson.loads(line)
+    assert result["ok"] and result["request_id"] == "cam-1" and result["node"] == "n1"
+    assert result["top"][0]["label"] == label
+    assert set(result["timing"]) == {"queue_ms", "inference_ms", "total_ms"}
+
+
+@pytest.mark.mosquitto
+def test_mosquitto_rr_uses_the_response_topic(
+    mosquitto: Broker, prefix: str, procs: Procs, tmp_path: Any
+) -> None:
+    """[T-SERVE-3] MQTT 5: the result goes to the request's response topic with its
+    correlation data, so mosquitto_rr gets the answer."""
+    from tests.integration.harness import start_coordinator
+
+    rr = need_client_tool("mosquitto_rr")
+    coordinator = start_coordinator(mosquitto, prefix)
+    obs = Observer(mosquitto, prefix)
+    try:
+        procs.node(mosquitto, prefix, "n1")
+        wait_for(lambda: coordinator.state("n1") == "online", "n1 online")
+        deploy(mosquitto, prefix, "--model", str(DIGITS / "digits_int8.tflite"), "--name", "d")
+        ready_on(obs, prefix, "d", 1)
+        images, labels = digits_test_set()
+        # mosquitto_rr 2.0.11 sends -f and -s as empty messages: JSON with -m works.
+        pixels = (images[0].astype(np.float32) / 255.0).reshape(1, 8, 8, 1)
+        body = orjson.dumps({"inputs": pixels.tolist(), "request_id": "rr-1"}).decode()
+        out = subprocess.run(
+            [
+                rr,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(mosquitto.port),
+                "-t",
+                Topics(prefix).service_request("d"),
+                "-e",
+                f"{prefix}/replies/rr",
+                "-m",
+                body,
+                "-W",
+                "20",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        result = orjson.loads(out.stdout)
+        assert result["ok"] and result["request_id"] == "rr-1"
+        assert int(result["top"][0]["label"]) == int(labels[0])
+        # nothing went to the shared result topics
+        assert not obs.seen(Topics(prefix).service_result("d"))
+    finally:
+        obs.close()
+        coordinator.shutdown()

@@ -186,9 +186,19 @@ class CoordinatorAgent:
                 for name, rec in self.registry.services.items()
                 if rec.spec is not None and not (rec.status and rec.status.ready_nodes())
             }
+        # Subscribed before a status without ready replicas goes out: a request the replicas
+        # stop taking from then on is one the coordinator sees ([T-SERVE-4]).
+        wanted |= {
+            a.name
+            for a in actions
+            if isinstance(a, PublishStatus)
+            and a.status is not None
+            and a.status.state != "removed"
+            and not a.status.ready_nodes()
+        }
+        self._follow_unavailable(conn, wanted)
         for action in actions:
             self._carry_out(conn, action)
-        self._follow_unavailable(conn, wanted)
 
     def _carry_out(self, conn: Connection, action: Action) -> None:
         if isinstance(action, SendCommand):

@@ -2,8 +2,8 @@
 
 A node is eligible when it is online with known capabilities, runs the model's format,
 has the memory, and matches the spec's constraints. Eligible nodes are ranked by speed:
-cores not already busy (load average), an accelerator the spec asks for, the artifact
-already cached, and fewer services already running.
+cores not already busy (load average), shared by the services already running there, with
+the artifact already cached as a tie-breaker.
 """
 
 from __future__ import annotations
@@ -54,10 +54,7 @@ def score(spec: m.ServiceSpec, rec: NodeRecord) -> float:
     services = len(rec.heartbeat.services) if rec.heartbeat else 0
     value = free / (1 + services)
     if spec.artifact and spec.artifact in rec.caps.models:
-        value += 0.1
-    want = spec.constraints.accelerator
-    if want is not None and want != "cpu":
-        value += 10.0
+        value += 0.1  # no download
     return value
 
 

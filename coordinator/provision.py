@@ -135,11 +135,15 @@ class Provisioner:
         self._by_cmd[cmd.id] = (svc.name, node)
         return cmd
 
-    def _deploy(self, svc: Service, rep: Replica, registry: Registry, now: float) -> Action:
+    def _deploy(
+        self, svc: Service, rep: Replica, registry: Registry, now: float, in_place: bool = False
+    ) -> Action:
         assert svc.spec is not None
         rec = registry.nodes.get(rep.node)
-        cmd = self._command(svc, rep.node, "deploy", {"spec": svc.spec.model_dump(mode="json")})
-        rep.state, rep.cmd_id, rep.sent, rep.spec = "deploying", cmd.id, now, svc.spec
+        spec = svc.spec.model_dump(mode="json", exclude_none=True)
+        cmd = self._command(svc, rep.node, "deploy", {"spec": spec})
+        rep.state = "ready" if in_place else "deploying"
+        rep.cmd_id, rep.sent, rep.spec = cmd.id, now, svc.spec
         rep.session = rec.session if rec else None
         rep.attempts += 1
         return SendCommand(rep.node, cmd)
@@ -200,8 +204,14 @@ class Provisioner:
                 del svc.replicas[node]
                 continue
             if rep.spec != spec:
+                # A ready replica takes a spec that needs no reload in place, and keeps serving.
+                in_place = (
+                    rep.state == "ready"
+                    and rep.spec is not None
+                    and not m.needs_reload(rep.spec, spec)
+                )
                 rep.attempts = 0
-                actions.append(self._deploy(svc, rep, registry, now))
+                actions.append(self._deploy(svc, rep, registry, now, in_place))
             elif rep.state == "deploying" and now - rep.sent > DEPLOY_TIMEOUT:
                 if rep.attempts >= DEPLOY_ATTEMPTS:
                     svc.failed[node] = f"no answer to deploy within {DEPLOY_TIMEOUT:.0f} s"

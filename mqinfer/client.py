@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -142,6 +144,7 @@ class Connection:
         self._acks: dict[int, tuple[threading.Event, list[Any]]] = {}
         self._acks_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._outbox: deque[list[Outgoing]] = deque()
 
     # ---- connecting -------------------------------------------------------------
 
@@ -241,6 +244,7 @@ class Connection:
             rc = client.loop(timeout=0.5)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
+            self._drain_outbox()
         self._lost.set()
         self._connack.set()
         self._fail_pending()
@@ -352,6 +356,32 @@ class Connection:
             raise NotConnected(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         return info
 
+    def publish_together(self, messages: Sequence[Outgoing]) -> None:
+        """Publish messages back to back from the network thread, so that a process killed
+        between them is as unlikely as it can be (an answer and its 'done' notice).
+
+        From another thread, paho writes a message at once only while the network thread
+        is outside its callbacks; otherwise it queues it. Two publishes in a row could then
+        be written milliseconds apart. Here both are written by the network thread in one
+        go, right after it wakes up."""
+        self._live_client()
+        self._outbox.append(list(messages))
+        if threading.current_thread() is self._thread:
+            return  # drained when the callback returns
+        wake = getattr(self._client, "_sockpairW", None)  # what paho's own publish does
+        if wake is not None:
+            with contextlib.suppress(OSError):
+                wake.send(b"0")
+
+    def _drain_outbox(self) -> None:
+        while self._outbox:
+            batch = self._outbox.popleft()
+            for out in batch:
+                try:
+                    self.publish(out.topic, out.payload, out.qos, correlation_data=out.correlation)
+                except NotConnected as e:
+                    log.warning("dropped a message to %s: %s", out.topic, e)
+
     def publish_wait(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 10.0
     ) -> None:
@@ -390,6 +420,14 @@ class Connection:
             except OSError:
                 pass
         self._fail_pending()
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    correlation: bytes | None = None
 
 
 class _VersionRefused(Exception):

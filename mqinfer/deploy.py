@@ -81,6 +81,7 @@ def deploy(
     model: ModelFile,
     wait: float | None,
     protocol: str = "auto",
+    reupload: bool = False,
 ) -> int:
     revision = uuid.uuid4().hex[:12]
     spec = service_spec(spec_file, model, revision)
@@ -95,6 +96,7 @@ def deploy(
             model.format,
             model.manifest,
             progress_bar(f"uploading {model.path.name}"),
+            force=reupload,
         )
         print(
             f"artifact {model.sha256[:12]} ({model.path.name}, {len(model.data)} bytes): "
@@ -192,6 +194,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         metavar="KEY=VALUE",
         help="only nodes with this label; repeatable",
     )
+    p.add_argument(
+        "--reupload",
+        action="store_true",
+        help="upload the model even if the broker already has an artifact with its hash "
+        "(repairs a damaged copy that nodes refuse)",
+    )
     _add_wait(p, "until the service is ready or failed")
     options.add_common(p)
     p.set_defaults(func=_run_deploy, parser=p)
@@ -254,6 +262,7 @@ def _run_deploy(args: argparse.Namespace) -> int:
             model,
             args.timeout if args.wait else None,
             args.mqtt_version,
+            args.reupload,
         )
     except (SpecFileError, ValueError) as e:
         print(f"mqinfer deploy: {e}", file=sys.stderr)

@@ -71,9 +71,10 @@ class Uploader:
         fmt: str,
         manifest: Manifest | None,
         progress: Progress | None = None,
+        force: bool = False,
     ) -> bool:
-        """Publish the artifact unless it is there; True when it was sent."""
-        if self.present(sha256, len(data)):
+        """Publish the artifact unless it is there (or `force`); True when it was sent."""
+        if not force and self.present(sha256, len(data)):
             return False
         count = chunk_count(len(data))
         pending = []

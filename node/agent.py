@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from mqinfer.client import Connection, Message, MQTTError, NotConnected, Will
+from mqinfer.client import Connection, Message, MQTTError, NotConnected, Outgoing, Will
 from node import sysinfo
 from node.artifacts import ArtifactStore, default_cache_dir
 from node.capabilities import Probe, capabilities
@@ -136,16 +136,16 @@ class NodeAgent:
         msg = m.NodeState(node=self.node_id, state=state, session=self._session, ts=time.time())
         self._retain(conn, self.topics.node_state(self.node_id), msg, wait)
 
-    def send(self, topic: str, payload: bytes, qos: int, correlation: bytes | None) -> None:
-        """Publish from any thread without waiting; a result is lost (and logged) only when
-        the connection is down, and the request's other replicas cannot help then either."""
+    def send(self, messages: list[Outgoing]) -> None:
+        """Publish from any thread without waiting; an answer is lost (and logged) only when
+        the connection is down."""
         conn = self._conn
         try:
             if conn is None:
                 raise NotConnected("no connection yet")
-            conn.publish(topic, payload, qos=qos, correlation_data=correlation)
+            conn.publish_together(messages)
         except MQTTError as e:
-            log.warning("%s: could not publish to %s: %s", self.name, topic, e)
+            log.warning("%s: could not publish to %s: %s", self.name, messages[0].topic, e)
 
     @staticmethod
     def _retain(conn: Connection, topic: str, msg: m.Wire, wait: bool) -> None:

@@ -124,7 +124,7 @@ class ArtifactStore:
         with fetch.changed:
             while True:
                 meta = fetch.meta
-                if meta is not None and len(fetch.chunks) >= meta.chunks:
+                if meta is not None and all(i in fetch.chunks for i in range(meta.chunks)):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -46,7 +46,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument(
         "--cache-dir",
-        type=Path,
         default=options.env("CACHE_DIR", ""),
         help="where model artifacts are cached by sha256 (env MQINFER_CACHE_DIR; "
         "default ~/.cache/mqinfer/NODE_ID)",
@@ -88,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         args.heartbeat,
         dict(args.label),
         backends=backends,
-        cache_dir=Path(args.cache_dir) if str(args.cache_dir) else None,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
     )
     stop = options.stop_on_signals()

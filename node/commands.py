@@ -40,7 +40,7 @@ def _deploy(agent: NodeAgent, conn: Connection, cmd: m.Command) -> dict[str, Any
     spec = _spec(cmd)
     with agent.provision_lock:
         current = agent.replicas.get(spec.name)
-        if current is not None and current.spec == spec and current.state == "ready":
+        if current is not None and current.update(spec):
             return {"service": spec.name, "state": "ready", "already": True}
         if current is not None:
             _remove(agent, conn, spec.name)
@@ -145,6 +145,9 @@ class CommandHandler:
             reply = self._error(cmd.id, e)
         except MQTTError as e:
             reply = self._error(cmd.id, ProtocolError(Code.INTERNAL, f"broker: {e}"))
+        except Exception as e:  # [T-CMD-2] still exactly one reply
+            log.exception("%s: %s failed", self.agent.name, cmd.op)
+            reply = self._error(cmd.id, ProtocolError(Code.INTERNAL, f"{type(e).__name__}: {e}"))
         try:
             self._send(conn, reply)
         except MQTTError as e:

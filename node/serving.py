@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mqinfer.client import Message
+from mqinfer.client import Message, Outgoing
 from node.runtimes import Backend, Model, RuntimeFailure, warm_up
 from protocol import codec, replies
 from protocol import messages as m
@@ -29,8 +29,8 @@ from protocol.topics import Ref, Topics
 
 log = logging.getLogger("mqinfer.node")
 
-# send(topic, payload, qos, correlation_data): publish without blocking.
-Send = Callable[[str, bytes, int, bytes | None], None]
+# Publish messages back to back without blocking (mqinfer.client.Connection.publish_together).
+Send = Callable[[list[Outgoing]], None]
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
@@ -69,6 +69,7 @@ class Replica:
         self.manifest: Manifest | None = spec.manifest
         self.state = "loading"
         self.ready: list[str] = []  # ready replicas per the last status the broker delivered
+        self.listed: list[str] = []  # every replica that status lists, in any state
         self.served = 0
         self._models: list[Model] = []
         self._threads: list[threading.Thread] = []
@@ -118,13 +119,20 @@ class Replica:
         self.state = "ready"
 
     def stop(self) -> None:
+        """Answer what is queued, then stop the workers and free the models."""
         self.state = "removing"
-        self._drain()
         for _ in self._threads:
             self._queue.put(None)
         for t in self._threads:
             t.join(timeout=10)
         self.close()
+
+    def update(self, spec: m.ServiceSpec) -> bool:
+        """Take a new spec in place when only what needs no reload changed."""
+        if self.state != "ready" or m.needs_reload(self.spec, spec):
+            return False
+        self.spec, self.manifest = spec, spec.manifest
+        return True
 
     def close(self) -> None:
         for model in self._models:
@@ -145,8 +153,14 @@ class Replica:
         job = Job(message, ref, key, now, now + self.spec.deadline_ms / 1000)
         with self._lock:
             mine = owner(key, self.ready)
-            log.debug("%s: request %s on %s: owner %s of %s", self.name, key, message.topic,
-                      mine, self.ready)
+            log.debug(
+                "%s: request %s on %s: owner %s of %s",
+                self.name,
+                key,
+                message.topic,
+                mine,
+                self.ready,
+            )
             if mine != self.node_id:
                 self._witness.add(Witnessed(key, mine, job.deadline, job, len(message.payload)))
                 return
@@ -154,19 +168,28 @@ class Replica:
 
     def on_status(self, status: m.ServiceStatus) -> None:
         ready = status.ready_nodes()
-        log.debug("%s: status %s, ready %s", self.name, status.state, ready)
+        listed = sorted({r.node for r in status.replicas})
+        log.debug("%s: status %s, ready %s, listed %s", self.name, status.state, ready, listed)
         with self._lock:
-            if ready == self.ready:
+            if ready == self.ready and listed == self.listed:
                 return
-            self.ready = ready
-            mine = self._witness.reassign(ready, self.node_id)
-        if self.node_id not in ready:
-            # Another replica now owns what we had queued: the witnesses re-serve it.
+            self.ready, self.listed = ready, listed
+            mine = self._witness.reassign(ready, listed, self.node_id)
+        if status.state != "removed" and self.node_id not in listed:
+            # Given up on (thought lost): the witnesses re-serve what we had queued.
             self._drain()
         if mine:
-            log.info("%s: serving %d requests of a replica that left", self.name, len(mine))
+            log.info("%s: answering %d requests of a replica that left", self.name, len(mine))
         for entry in mine:
-            self._enqueue(entry.item)
+            if self.node_id in ready:
+                self._enqueue(entry.item)
+            else:
+                self._fail(
+                    entry.item,
+                    Code.UNAVAILABLE,
+                    f"the replica serving this request was lost and {self.name} has no "
+                    "other ready replica",
+                )
 
     def on_done(self, done: m.Done) -> None:
         if done.node == self.node_id:
@@ -238,6 +261,14 @@ class Replica:
                 max_bytes=self.max_request_bytes,
             )
             request_id = self._request_id(job, decoded.request_id)
+            if decoded.deadline_ms is not None:
+                waited = (time.monotonic() - job.received) * 1000
+                if waited > decoded.deadline_ms:
+                    raise ProtocolError(
+                        Code.TIMEOUT,
+                        f"waited {waited:.0f} ms for a worker; the request's deadline_ms is "
+                        f"{decoded.deadline_ms:g}",
+                    )
             t1 = time.monotonic()
             outputs = model.run(decoded.arrays)
             t2 = time.monotonic()
@@ -286,6 +317,11 @@ class Replica:
     def _reply(self, job: Job, payload: bytes) -> None:
         msg = job.message
         topic = replies.result_topic(self.topics, self.name, job.ref, msg.response_topic)
-        self.send(topic, payload, 1, msg.correlation_data)
         done = m.Done(node=self.node_id, keys=[job.key])
-        self.send(self.topics.service_done(self.name), codec.encode(done), 1, None)
+        # [T-SERVE-2] the answer, then at once the notice that lets the witnesses forget it
+        self.send(
+            [
+                Outgoing(topic, payload, 1, msg.correlation_data),
+                Outgoing(self.topics.service_done(self.name), codec.encode(done), 1),
+            ]
+        )

@@ -180,6 +180,14 @@ class ServiceSpec(Wire):
     revision: str = Field("", description="Set by each deploy; echoed in the status")
 
 
+# A replica takes a new spec in place (and keeps serving) unless one of these changed.
+RELOAD_FIELDS = ("artifact", "format", "workers", "threads", "queue")
+
+
+def needs_reload(old: ServiceSpec, new: ServiceSpec) -> bool:
+    return any(getattr(old, f) != getattr(new, f) for f in RELOAD_FIELDS)
+
+
 ReplicaState = Literal["deploying", "ready", "failed", "removing"]
 
 

@@ -8,8 +8,9 @@ ready set is the one in the last retained service status the broker delivered
 order, so all replicas decide alike.
 
 The replicas that do not own a request keep it as a witness until the owner's `done`
-notice arrives. When a status drops the owner (its node was lost), each witness recomputes
-the owner among the remaining replicas, and exactly one of them serves it ([T-SERVE-2]).
+notice arrives. When a status no longer lists the owner (its node was lost), each witness
+recomputes the owner among the remaining replicas, and exactly one of them serves it
+([T-SERVE-2]).
 """
 
 from __future__ import annotations
@@ -121,11 +122,15 @@ class Witness(Generic[T]):
             self._bytes -= e.size
         return gone
 
-    def reassign(self, ready: Sequence[str], me: str) -> list[Witnessed[T]]:
-        """A new ready set: entries whose owner left it get a new owner; return (and drop)
-        those that are now ours to serve."""
+    def reassign(self, ready: Sequence[str], listed: Sequence[str], me: str) -> list[Witnessed[T]]:
+        """A new status: entries whose owner is no longer listed at all (its node was lost
+        or given up on) get a new owner among the ready replicas, or, with none ready, among
+        the listed ones (which answer 'unavailable'). Return (and drop) those now ours.
+
+        An owner still listed but no longer ready (being redeployed or removed) keeps its
+        requests: it answers what it has queued before it stops."""
         mine: list[Witnessed[T]] = []
-        alive = set(ready)
+        alive = set(listed)
         for key in list(self._by_key):
             entries = self._by_key[key]
             keep: deque[Witnessed[T]] = deque()
@@ -135,13 +140,16 @@ class Witness(Generic[T]):
                     self._bytes -= e.size
                     continue
                 if e.owner not in alive:
-                    e.owner = owner(key, ready)
+                    e.owner = owner(key, ready) or owner(key, listed)
                 if e.owner == me:
                     mine.append(e)
                     self._count -= 1
                     self._bytes -= e.size
-                else:
+                elif e.owner is not None:
                     keep.append(e)
+                else:
+                    self._count -= 1
+                    self._bytes -= e.size
             if keep:
                 self._by_key[key] = keep
             else:

@@ -140,7 +140,11 @@ class Requester:
         """The result of each id, after checking (for `settle` s more) that none has two."""
         time.sleep(settle)
         with self.lock:
-            doubles = {i: len(self.results[i]) for i in ids if len(self.results.get(i, [])) > 1}
+            doubles = {
+                i: [(r.get("node"), r.get("ok"), r.get("timing")) for r in self.results[i]]
+                for i in ids
+                if len(self.results.get(i, [])) > 1
+            }
             assert not doubles, f"requests answered more than once: {doubles}"
             return {i: self.results[i][0] for i in ids}
 

@@ -1,0 +1,274 @@
+"""Serving when things go wrong: bad input, a node killed mid-stream, a tampered artifact,
+a node that comes back after it was given up on. Real brokers, real models, real processes.
+
+Ids in brackets are the MUSTs of topics.md that a test checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import signal
+import threading
+from typing import Any
+
+import numpy as np
+import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from protocol import messages as m
+from protocol.topics import Topics
+from tests.integration.harness import (
+    Broker,
+    InProcessCoordinator,
+    Observer,
+    Procs,
+    start_coordinator,
+    wait_for,
+)
+from tests.integration.requests import (
+    DIGITS,
+    Requester,
+    deploy,
+    digits_test_set,
+    mqinfer,
+    png,
+)
+from tests.integration.test_serving import ready_on, status
+
+
+def npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array)
+    return out.getvalue()
+
+
+def test_bad_input_gets_the_right_error_and_the_node_keeps_serving(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
+) -> None:
+    """[T-REQ-1] [T-RES-1] each kind of bad request gets its own error code in an
+    ok:false result; after each, a good request is still answered by the same node."""
+    node = procs.node(broker, prefix, "n1")
+    wait_for(lambda: coordinator.state("n1") == "online", "n1 online")
+    deploy(broker, prefix, "--model", str(DIGITS / "digits_int8.tflite"), "--name", "digits")
+    ready_on(observer, prefix, "digits", 1)
+    images, labels = digits_test_set()
+    good = png(images[0])
+    valid_png = png(images[1])
+    rng = np.random.default_rng(7)
+    bad: dict[str, tuple[bytes, str]] = {
+        "raw-wrong-size": (bytes(63), "bad_payload"),  # 1 byte short of int8 [1,8,8,1]
+        "npy-wrong-size": (npy(np.zeros((9, 9), np.float32)), "wrong_shape"),
+        "npy-wrong-dtype": (npy(np.zeros((1, 8, 8, 1), np.complex64)), "wrong_dtype"),
+        "garbage": (rng.integers(0, 256, 1000, dtype=np.uint8).tobytes(), "bad_payload"),
+        "truncated-png": (valid_png[: len(valid_png) // 2], "bad_image"),
+        "json-wrong-shape": (orjson.dumps({"inputs": [[0.5] * 8] * 7}), "wrong_shape"),
+        "json-not-json": (b'{"inputs": [1, 2', "bad_encoding"),
+        "huge": (bytes(20 * 1024 * 1024), "too_large"),
+    }
+    req = Requester(broker, prefix, "digits")
+    try:
+        for name, (payload, code) in bad.items():
+            req.send(name, payload)
+            result = req.wait(name)
+            assert result["ok"] is False, (name, result)
+            assert result["error"]["code"] == code, (name, result["error"])
+            assert result["request_id"] == name and result["node"] == "n1"
+            assert result["error"]["message"]
+            req.send(f"{name}-then-good", good)
+            after = req.wait(f"{name}-then-good")
+            assert after["ok"] and int(after["top"][0]["label"]) == int(labels[0]), after
+        req.single([*bad, *(f"{n}-then-good" for n in bad)])
+    finally:
+        req.close()
+    assert node.proc.poll() is None, "the node died"
+    # the messages say what was received and what was expected
+    garbage = req.results["garbage"][0]["error"]["message"]
+    assert "1000 bytes" in garbage and "int8" in garbage and "[1,8,8,1]" in garbage
+
+
+def test_node_killed_with_requests_in_flight(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
+) -> None:
+    """[T-SERVE-2] a replica killed mid-stream: every request still gets exactly one
+    result or an explicit error, and the service is ready again on the other nodes."""
+    nodes = {n: procs.node(broker, prefix, n) for n in ("n1", "n2", "n3")}
+    wait_for(lambda: all(coordinator.state(n) == "online" for n in nodes), "nodes online")
+    deploy(broker, prefix, str(DIGITS / "service.yaml"))
+    first = ready_on(observer, prefix, "digits", 2)
+    victim = first[0]
+    images, _labels = digits_test_set()
+    payloads = {f"r{i}": png(images[i % len(images)]) for i in range(400)}
+    req = Requester(broker, prefix, "digits")
+    results: dict[str, dict[str, Any]] = {}
+    failure: list[BaseException] = []
+
+    def stream() -> None:
+        try:
+            results.update(req.run(payloads, window=24, timeout=90))
+        except BaseException as e:  # reported below
+            failure.append(e)
+
+    sender = threading.Thread(target=stream)
+    sender.start()
+    try:
+        wait_for(lambda: req.count() >= 120, "120 results before the kill")
+        served_by_victim = sum(
+            1 for rs in list(req.results.values()) for r in rs if r.get("node") == victim
+        )
+        assert served_by_victim > 0, "the victim served nothing before it was killed"
+        nodes[victim].kill9()
+        sender.join(120)
+    finally:
+        req.close()
+    assert not failure, failure
+    assert set(results) == set(payloads)  # one result each (Requester.single checks twice)
+    errors = {r["error"]["code"] for r in results.values() if not r["ok"]}
+    assert errors <= {"timeout", "unavailable", "busy"}, errors
+    ok = sum(r["ok"] for r in results.values())
+    assert ok >= len(payloads) * 0.9, f"only {ok} of {len(payloads)} ok ({errors})"
+    after = ready_on(observer, prefix, "digits", 2)
+    assert victim not in after
+
+
+def test_tampered_artifact_is_refused(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
+) -> None:
+    """[T-ART-1] a node refuses an artifact whose bytes do not hash to its name; the
+    service fails with the reason; a re-upload repairs it."""
+    procs.node(broker, prefix, "n1")
+    wait_for(lambda: coordinator.state("n1") == "online", "n1 online")
+    model = (DIGITS / "digits_int8.tflite").read_bytes()
+    sha = hashlib.sha256(model).hexdigest()
+    tampered = bytearray(model)
+    tampered[len(tampered) // 2] ^= 0xFF
+    t = Topics(prefix)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        client.publish(t.artifact_chunk(sha, 0), bytes(tampered), qos=1, retain=True)
+        meta = m.ArtifactMeta(
+            sha256=sha,
+            name="digits_int8.tflite",
+            format="tflite",
+            size=len(model),
+            chunk_size=len(model),
+            chunks=1,
+        )
+        client.publish(t.artifact_meta(sha), meta.model_dump_json(), qos=1, retain=True)
+        info = client.publish(t.artifact_meta(sha), meta.model_dump_json(), qos=1, retain=True)
+        info.wait_for_publish(10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    base = [
+        "--model",
+        str(DIGITS / "digits_int8.tflite"),
+        "--name",
+        "digits",
+        "--broker",
+        broker.url,
+        "--prefix",
+        prefix,
+        "--wait",
+        "--timeout",
+        "60",
+    ]
+    out = mqinfer("deploy", *base)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "already on the broker" in out.stderr
+    assert "bad_artifact" in out.stderr and "refusing it" in out.stderr, out.stderr
+    st = status(observer, prefix, "digits")
+    assert st and st["state"] == "failed" and "n1" in st["reason"]
+    assert not list((procs.tmp_path / "cache-n1").glob(f"{sha}*")), "tampered file cached"
+    out = mqinfer("deploy", *base, "--reupload")
+    assert out.returncode == 0, out.stdout + out.stderr
+    cached = list((procs.tmp_path / "cache-n1").glob(f"{sha}*"))
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in cached] == [sha]
+
+
+def test_undeploy_frees_the_node(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
+) -> None:
+    """Undeploy stops every replica: the nodes report no service and stop answering."""
+    procs.node(broker, prefix, "n1")
+    procs.node(broker, prefix, "n2")
+    wait_for(lambda: all(coordinator.state(n) == "online" for n in ("n1", "n2")), "online")
+    deploy(broker, prefix, str(DIGITS / "service.yaml"))
+    ready_on(observer, prefix, "digits", 2)
+    t = Topics(prefix)
+    out = mqinfer("undeploy", "digits", "--wait", "--broker", broker.url, "--prefix", prefix)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for n in ("n1", "n2"):
+        wait_for(
+            lambda n=n: (b := observer.json(t.node_heartbeat(n))) and b["services"] == {},
+            f"{n} reports no service",
+        )
+    wait_for(lambda: status(observer, prefix, "digits") is None, "the status cleared")
+
+
+def test_returning_node_is_reconciled(
+    broker: Broker, prefix: str, procs: Procs, observer: Observer
+) -> None:
+    """[T-COORD-5] a node given up on (heartbeat timeout) loses its replica to another
+    node; when it comes back still running it, the coordinator has it undeploy it."""
+    coordinator = start_coordinator(broker, prefix, missed_beats=3)
+    try:
+        nodes = {n: procs.node(broker, prefix, n) for n in ("n1", "n2")}
+        wait_for(lambda: all(coordinator.state(n) == "online" for n in nodes), "online")
+        deploy(broker, prefix, "--model", str(DIGITS / "digits_int8.tflite"), "--name", "d")
+        (first,) = ready_on(observer, prefix, "d", 1)
+        other = "n2" if first == "n1" else "n1"
+        nodes[first].signal(signal.SIGSTOP)
+        wait_for(lambda: coordinator.state(first) == "lost", f"{first} lost")
+        assert ready_on(observer, prefix, "d", 1) == [other]
+        nodes[first].signal(signal.SIGCONT)
+        wait_for(lambda: coordinator.state(first) == "online", f"{first} back")
+        t = Topics(prefix)
+        wait_for(
+            lambda: (
+                (b := observer.json(t.node_heartbeat(first)))
+                and b["session"]
+                and b["services"] == {}
+            ),
+            f"{first} told to stop serving d",
+        )
+        assert ready_on(observer, prefix, "d", 1) == [other]
+    finally:
+        coordinator.shutdown()
+
+
+def test_coordinator_restart_keeps_the_placement(
+    broker: Broker, prefix: str, procs: Procs, observer: Observer
+) -> None:
+    """[T-COORD-4] a new coordinator adopts the published placement: no redeploy."""
+    coordinator = start_coordinator(broker, prefix)
+    procs.node(broker, prefix, "n1")
+    procs.node(broker, prefix, "n2")
+    wait_for(lambda: all(coordinator.state(n) == "online" for n in ("n1", "n2")), "online")
+    deploy(broker, prefix, str(DIGITS / "service.yaml"))
+    ready_on(observer, prefix, "digits", 2)
+    coordinator.shutdown()
+    t = Topics(prefix)
+    commands_before = len(observer.seen(t.node_cmd("n1"))) + len(observer.seen(t.node_cmd("n2")))
+    again = start_coordinator(broker, prefix)
+    try:
+        wait_for(lambda: again.agent.provisioner.services.get("digits"), "digits adopted")
+        wait_for(
+            lambda: (svc := again.agent.provisioner.services["digits"]) and len(svc.replicas) == 2,
+            "both replicas adopted",
+        )
+        req = Requester(broker, prefix, "digits")
+        try:
+            images, _labels = digits_test_set()
+            res = req.run({f"a{i}": png(images[i]) for i in range(20)})
+        finally:
+            req.close()
+        assert all(r["ok"] for r in res.values())
+        commands = len(observer.seen(t.node_cmd("n1"))) + len(observer.seen(t.node_cmd("n2")))
+        assert commands == commands_before, "the new coordinator deployed again"
+        assert status(observer, prefix, "digits")["state"] == "ready"  # type: ignore[index]
+    finally:
+        again.shutdown()

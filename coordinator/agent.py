@@ -33,6 +33,9 @@ WATCHED = (
     Kind.NODE_REPLY,
 )
 WATCHED_SERVICES = (Kind.SERVICE_SPEC, Kind.SERVICE_STATUS)
+# What the registry keeps. (amqtt also delivers retained messages that match *other*
+# clients' subscriptions, such as artifact chunks: those are passed over.)
+REGISTERED = {*WATCHED, *WATCHED_SERVICES, Kind.COORDINATOR_STATE} - {Kind.NODE_REPLY}
 
 
 def subscriptions(topics: Topics) -> list[tuple[str, int]]:
@@ -46,8 +49,8 @@ def read(
 ) -> tuple[Ref, list[Change]]:
     """Decode and apply one message; raise ProtocolError/TopicError when it is malformed."""
     ref = topics.parse(message.topic)
-    if ref.kind is Kind.NODE_REPLY or ref.kind is Kind.SERVICE_REQUEST:
-        return ref, []
+    if ref.kind not in REGISTERED:
+        return ref, []  # replies and requests are read by the caller; the rest is not ours
     msg = codec.decode_for(ref, message.payload) if message.payload else None
     return ref, registry.apply(ref, msg, now, message.retain)
 

@@ -180,6 +180,9 @@ class Provisioner:
                 if rec is not None and rec.state == "online":
                     actions.append(self._undeploy(svc, rep, now))
             svc.replicas.clear()
+            if svc.restored is not None and svc.restored.state != "removed":
+                # undeployed while no coordinator ran: its retained status still says ready
+                svc.published, svc.restored = svc.restored.model_dump(exclude={"ts"}), None
             if svc.published is not None and svc.published.get("state") != "removed":
                 removed = m.ServiceStatus(name=svc.name, state="removed", ts=time.time())
                 svc.published = removed.model_dump(exclude={"ts"})
@@ -195,12 +198,9 @@ class Provisioner:
         for node, rep in list(svc.replicas.items()):
             rec = registry.nodes.get(node)
             if rec is None or rec.state != "online":
-                log.warning(
-                    "service %s: replica on %s gone (node %s)",
-                    svc.name,
-                    node,
-                    rec.state if rec else "unknown",
-                )
+                gone = rec.state if rec else "unknown"
+                level = logging.INFO if gone == "offline" else logging.WARNING
+                log.log(level, "service %s: replica on %s gone (node %s)", svc.name, node, gone)
                 del svc.replicas[node]
                 continue
             if rep.spec != spec:

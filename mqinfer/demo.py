@@ -7,18 +7,23 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from broker.ports import free_port, port_is_free
 from coordinator import status
 from coordinator.registry import Registry
+from mqinfer import deploy, infer
 from mqinfer.client import BrokerURL, MQTTError
+from mqinfer.servicefile import load_spec_file
 from protocol.topics import Topics
 
 HOST = "127.0.0.1"
 NODES = ("demo-node-1", "demo-node-2")
+DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="run a whole cluster on this machine and show its status",
         description="Start the embedded broker (port 1883, or a free port if 1883 is taken), "
         "a coordinator and two nodes as separate processes, wait until both nodes are online, "
-        "print the cluster status, then stop everything (or keep it running with --keep).",
+        "deploy the digits classifier (models/digits/service.yaml) on both, classify the "
+        "sample digits in models/digits/samples, print the cluster status, then stop "
+        "everything (or keep it running with --keep).",
     )
     p.add_argument("--port", type=int, default=1883, help="preferred broker port (default 1883)")
     p.add_argument(
@@ -70,6 +77,28 @@ def _wait_online(url: BrokerURL, topics: Topics, deadline: float) -> Registry:
         time.sleep(0.5)
 
 
+def _classify(url: BrokerURL, topics: Topics) -> bool:
+    """Deploy the digits service on both nodes and classify the sample digits."""
+    spec_file, model = load_spec_file(DIGITS / "service.yaml")
+    print(f"demo: deploying {spec_file.name} ({model.path.name}, {spec_file.replicas} replicas)")
+    if deploy.deploy(url, topics, spec_file, model, wait=90, protocol="3.1.1") != 0:
+        print("demo: error: the digits service did not become ready", file=sys.stderr)
+        return False
+    samples = sorted(DIGITS.glob("samples/*.png"))
+    results = infer.request(
+        url, topics, spec_file.name, [p.read_bytes() for p in samples], 30, "3.1.1"
+    )
+    print("demo: classifying the sample digits (file name: digit_<label>_<index>.png)")
+    right = 0
+    for path, result in zip(samples, results, strict=True):
+        line = infer.describe(result) if result else "no result"
+        print(f"  {path.name}: {line}")
+        if result and result.get("ok") and result["top"][0]["label"] == path.name.split("_")[1]:
+            right += 1
+    print(f"demo: {right} of {len(samples)} classified correctly")
+    return all(r is not None and r.get("ok") for r in results)
+
+
 def _wait_listening(port: int, deadline: float) -> None:
     while time.monotonic() < deadline:
         if not port_is_free(HOST, port):
@@ -87,23 +116,46 @@ def run(args: argparse.Namespace) -> int:
     # The embedded broker speaks MQTT 3.1.1 only: say so rather than probe for MQTT 5.
     common = ["--broker", broker_url, "--mqtt-version", "3.1.1", "--log-level", "warning"]
     print(f"demo: embedded broker on {broker_url}; starting a coordinator and {len(NODES)} nodes")
-    with _process("broker", "broker", "--host", HOST, "--port", str(port)) as broker:
+    cache = tempfile.TemporaryDirectory(prefix="mqinfer-demo-")
+    with (
+        cache,
+        _process("broker", "broker", "--host", HOST, "--port", str(port)) as broker,
+    ):
         _wait_listening(port, time.monotonic() + 30)
-        with (
-            _process("coordinator", "coordinator", "--id", "demo", *common),
-            _process(NODES[0], "node", "--id", NODES[0], "--heartbeat", "1", *common),
-            _process(NODES[1], "node", "--id", NODES[1], "--heartbeat", "1", *common),
-        ):
+        nodes = [
+            _process(
+                n,
+                "node",
+                "--id",
+                n,
+                "--heartbeat",
+                "1",
+                "--cache-dir",
+                f"{cache.name}/{n}",
+                *common,
+            )
+            for n in NODES
+        ]
+        with _process("coordinator", "coordinator", "--id", "demo", *common), nodes[0], nodes[1]:
             try:
-                registry = _wait_online(url, topics, time.monotonic() + 60)
+                _wait_online(url, topics, time.monotonic() + 60)
             except TimeoutError as e:
                 print(f"demo: error: {e}", file=sys.stderr)
                 return 1
+            if not _classify(url, topics):
+                return 1
+            registry = status.collect(url, topics, protocol="3.1.1", settle=0.3)
             print()
             print(status.as_text(status.as_json(registry)))
             print()
             if args.keep:
-                print(f"try: mosquitto_sub -h {HOST} -p {port} -t 'mqinfer/nodes/#' -v")
+                sample = sorted(DIGITS.glob("samples/*.png"))[0]
+                print(f"try: mosquitto_sub -h {HOST} -p {port} -t 'mqinfer/#' -v -R")
+                print(
+                    f"     mosquitto_pub -h {HOST} -p {port} -V mqttv311 "
+                    f"-t mqinfer/services/digits/request/cam-1 -f {sample}"
+                )
+                print(f"     mqinfer infer digits {DIGITS}/samples/*.png --broker {broker_url}")
                 print(f"     mqinfer status --broker {broker_url}")
                 print("demo: running; Ctrl-C stops it")
                 try:

@@ -11,7 +11,8 @@
     threads: 1                   # optional: runtime threads per interpreter
     queue: 32                    # optional: queued requests per replica before 'busy'
 
-A manifest with the model's stem and `.json` beside the model is picked up by itself.
+A manifest with the model's name and `.json` instead of `.tflite` / `.onnx` beside the
+model is picked up by itself (m_edgetpu.tflite -> m_edgetpu.json).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def read_model(path: Path) -> ModelFile:
         raise SpecFileError(f"{path}: {e.strerror}") from None
     sha = hashlib.sha256(data).hexdigest()
     manifest = None
-    sidecar = path.with_name(path.name[: -len(_suffix(path))] + ".json")
+    sidecar = path.with_suffix(".json")  # m.tflite -> m.json, m_edgetpu.tflite -> m_edgetpu.json
     if sidecar.is_file():
         try:
             manifest = Manifest.model_validate(orjson.loads(sidecar.read_bytes()))
@@ -90,14 +91,6 @@ def read_model(path: Path) -> ModelFile:
                 f"{path.name} ({sha[:12]}); rebuild the manifest or remove it"
             )
     return ModelFile(path, data, sha, fmt, manifest)
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for suffix, _fmt in FORMATS:
-        if name.endswith(suffix):
-            return suffix
-    return path.suffix
 
 
 def load_spec_file(path: Path) -> tuple[ServiceFile, ModelFile]:

@@ -65,7 +65,11 @@ class ArtifactStore:
         """sha256 of every artifact in the cache (by file name; verified when used)."""
         if not self.dir.is_dir():
             return []
-        names = {p.name[:64] for p in self.dir.iterdir() if len(p.name) > 64}
+        names = {
+            p.name[:64]
+            for p in self.dir.iterdir()
+            if len(p.name) > 64 and not p.name.endswith(".part")  # a write cut short
+        }
         return sorted(n for n in names if all(c in "0123456789abcdef" for c in n))
 
     def _verified(self, sha256: str, fmt: str) -> Path | None:

@@ -69,58 +69,45 @@ class Witness(Generic[T]):
     def __init__(self, max_items: int = 4096, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.max_items = max_items
         self.max_bytes = max_bytes
-        self._by_key: OrderedDict[str, deque[Witnessed[T]]] = OrderedDict()
-        self._count = 0
+        self._entries: OrderedDict[int, Witnessed[T]] = OrderedDict()  # oldest first
+        self._by_key: dict[str, deque[int]] = {}  # key -> entry numbers, oldest first
+        self._next = 0
         self._bytes = 0
         self.evicted = 0
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._entries)
 
     def add(self, entry: Witnessed[T]) -> None:
-        self._by_key.setdefault(entry.key, deque()).append(entry)
-        self._count += 1
+        n = self._next
+        self._next += 1
+        self._entries[n] = entry
+        self._by_key.setdefault(entry.key, deque()).append(n)
         self._bytes += entry.size
-        while self._count > self.max_items or self._bytes > self.max_bytes:
-            self._pop_oldest()
+        while len(self._entries) > self.max_items or self._bytes > self.max_bytes:
+            self._remove(next(iter(self._entries)))
             self.evicted += 1
 
-    def _pop_oldest(self) -> Witnessed[T]:
-        key, entries = next(iter(self._by_key.items()))
-        entry = entries.popleft()
-        if not entries:
-            del self._by_key[key]
-        self._count -= 1
+    def _remove(self, n: int) -> Witnessed[T]:
+        entry = self._entries.pop(n)
+        numbers = self._by_key[entry.key]
+        numbers.remove(n)
+        if not numbers:
+            del self._by_key[entry.key]
         self._bytes -= entry.size
         return entry
 
     def done(self, keys: Iterable[str]) -> None:
-        """The owner answered these (one entry per key listed)."""
+        """The owner answered these (one entry per key listed, the oldest)."""
         for key in keys:
-            entries = self._by_key.get(key)
-            if not entries:
-                continue
-            entry = entries.popleft()
-            self._count -= 1
-            self._bytes -= entry.size
-            if not entries:
-                del self._by_key[key]
+            numbers = self._by_key.get(key)
+            if numbers:
+                self._remove(numbers[0])
 
     def expire(self, now: float) -> list[Witnessed[T]]:
         """Drop and return entries past their deadline."""
-        gone: list[Witnessed[T]] = []
-        for key in list(self._by_key):
-            entries = self._by_key[key]
-            keep = deque(e for e in entries if e.deadline > now)
-            gone += [e for e in entries if e.deadline <= now]
-            if keep:
-                self._by_key[key] = keep
-            else:
-                del self._by_key[key]
-        for e in gone:
-            self._count -= 1
-            self._bytes -= e.size
-        return gone
+        late = [n for n, e in self._entries.items() if e.deadline <= now]
+        return [self._remove(n) for n in late]
 
     def reassign(self, ready: Sequence[str], listed: Sequence[str], me: str) -> list[Witnessed[T]]:
         """A new status: entries whose owner is no longer listed at all (its node was lost
@@ -128,30 +115,18 @@ class Witness(Generic[T]):
         the listed ones (which answer 'unavailable'). Return (and drop) those now ours.
 
         An owner still listed but no longer ready (being redeployed or removed) keeps its
-        requests: it answers what it has queued before it stops."""
+        requests: it answers what it has queued before it stops. Entries that came while
+        no replica was ready (owner None) are dropped: the coordinator answered those."""
         mine: list[Witnessed[T]] = []
         alive = set(listed)
-        for key in list(self._by_key):
-            entries = self._by_key[key]
-            keep: deque[Witnessed[T]] = deque()
-            for e in entries:
-                if e.owner is None:  # no replica was ready when it came: the coordinator
-                    self._count -= 1  # answered it with 'unavailable'
-                    self._bytes -= e.size
-                    continue
-                if e.owner not in alive:
-                    e.owner = owner(key, ready) or owner(key, listed)
-                if e.owner == me:
-                    mine.append(e)
-                    self._count -= 1
-                    self._bytes -= e.size
-                elif e.owner is not None:
-                    keep.append(e)
-                else:
-                    self._count -= 1
-                    self._bytes -= e.size
-            if keep:
-                self._by_key[key] = keep
-            else:
-                del self._by_key[key]
+        for n, e in list(self._entries.items()):
+            if e.owner is None:
+                self._remove(n)
+                continue
+            if e.owner not in alive:
+                e.owner = owner(e.key, ready) or owner(e.key, listed)
+            if e.owner == me:
+                mine.append(self._remove(n))
+            elif e.owner is None:
+                self._remove(n)
         return mine

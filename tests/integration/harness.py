@@ -329,5 +329,3 @@ def start_coordinator(
     thread = threading.Thread(target=main, name="coordinator", daemon=True)
     thread.start()
     return InProcessCoordinator(agent, stop, thread, status)
-
-

@@ -29,9 +29,20 @@ from tests.integration.harness import (
 
 def status_json(broker: Broker, prefix: str, url: str | None = None) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-m", "mqinfer", "status", "--json", "--broker", url or broker.url,
-         "--prefix", prefix],
-        capture_output=True, timeout=60, check=True,
+        [
+            sys.executable,
+            "-m",
+            "mqinfer",
+            "status",
+            "--json",
+            "--broker",
+            url or broker.url,
+            "--prefix",
+            prefix,
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
     )
     return orjson.loads(out.stdout)  # type: ignore[no-any-return]
 
@@ -116,23 +127,32 @@ def test_restarted_node_is_online_and_late_will_is_ignored(
     old.kill9()
     topic = Topics(prefix).node_state("alpha")
     wait_for(
-        lambda: any(s["state"] == "lost" and s["session"] == old_session
-                    for s in observer.seen(topic)),
+        lambda: any(
+            s["state"] == "lost" and s["session"] == old_session for s in observer.seen(topic)
+        ),
         "the old session's Will",
     )
     # The node re-asserts its own state over the stale Will; the coordinator never wavered.
     wait_for(
-        lambda: (s := state_of(observer, prefix, "alpha")) and s["state"] == "online"
-        and s["session"] == new_session,
+        lambda: (
+            (s := state_of(observer, prefix, "alpha"))
+            and s["state"] == "online"
+            and s["session"] == new_session
+        ),
         "retained state back to the new session's online",
     )
-    wait_for(lambda: any("old session" in why for why in registry.ignored),
-             "the coordinator to ignore the late Will")
+    wait_for(
+        lambda: any("old session" in why for why in registry.ignored),
+        "the coordinator to ignore the late Will",
+    )
     assert coordinator.state("alpha") == "online"
     assert registry.nodes["alpha"].session == new_session
     # The new session was never marked lost (the stopped old one may time out first, under load).
-    assert not [c for c in coordinator.agent.changes
-                if c.node == "alpha" and c.new == "lost" and c.session == new_session]
+    assert not [
+        c
+        for c in coordinator.agent.changes
+        if c.node == "alpha" and c.new == "lost" and c.session == new_session
+    ]
 
 
 def test_node_restart_after_kill_comes_back_online(
@@ -150,11 +170,16 @@ def test_node_restart_after_kill_comes_back_online(
     assert second > (first or 0)
 
     t = Topics(prefix)
-    wait_for(lambda: observer.json(t.node_state("alpha"))["session"] == second,  # type: ignore[index]
-             "the observer to see the new session")
+    wait_for(
+        lambda: observer.json(t.node_state("alpha"))["session"] == second,  # type: ignore[index]
+        "the observer to see the new session",
+    )
     with observer.lock:
-        mine = [(topic, orjson.loads(p)) for topic, p, _ in observer.log
-                if p and topic in (t.node_caps("alpha"), t.node_state("alpha"))]
+        mine = [
+            (topic, orjson.loads(p))
+            for topic, p, _ in observer.log
+            if p and topic in (t.node_caps("alpha"), t.node_state("alpha"))
+        ]
     mine = [(topic, msg) for topic, msg in mine if msg["session"] == second]
     assert [topic for topic, _ in mine][:2] == [t.node_caps("alpha"), t.node_state("alpha")]
     assert [msg["state"] for topic, msg in mine if topic == t.node_state("alpha")] == ["online"]
@@ -213,11 +238,18 @@ def test_broker_restart_everyone_reconnects(
     broker.restart()
 
     for n in ("alpha", "beta"):
-        wait_for(lambda n=n: (registry.nodes[n].session or 0) > before[n]
-                 and registry.nodes[n].state == "online", f"{n} back with a new session")
+        wait_for(
+            lambda n=n: (
+                (registry.nodes[n].session or 0) > before[n] and registry.nodes[n].state == "online"
+            ),
+            f"{n} back with a new session",
+        )
     view = wait_for(
-        lambda: (v := status_json(broker, prefix))["coordinator"]
-        and v["coordinator"]["state"] == "online" and v,
+        lambda: (
+            (v := status_json(broker, prefix))["coordinator"]
+            and v["coordinator"]["state"] == "online"
+            and v
+        ),
         "coordinator online again",
     )
     assert {n["id"]: n["state"] for n in view["nodes"]} == {"alpha": "online", "beta": "online"}
@@ -261,9 +293,16 @@ def test_malformed_messages_are_logged_and_ignored(
     procs.node(broker, prefix, "alpha")
     wait_for(lambda: coordinator.state("alpha") == "online", "alpha online")
     t = Topics(prefix)
-    topics = [t.node_caps("alpha"), t.node_state("alpha"), t.node_heartbeat("alpha"),
-              t.node_reply("alpha"), t.service_spec("svc"), t.service_status("svc"),
-              t.node_state("ghost"), f"{prefix}/nodes/bad id!/state"]
+    topics = [
+        t.node_caps("alpha"),
+        t.node_state("alpha"),
+        t.node_heartbeat("alpha"),
+        t.node_reply("alpha"),
+        t.service_spec("svc"),
+        t.service_status("svc"),
+        t.node_state("ghost"),
+        f"{prefix}/nodes/bad id!/state",
+    ]
     payloads = [
         b"\x00\xff\xfe garbage",
         b"{not json",
@@ -283,11 +322,22 @@ def test_malformed_messages_are_logged_and_ignored(
     client.disconnect()
 
     read_by_coordinator = len(topics) - 1  # all but the reply topic, which it does not decode
-    wait_for(lambda: len([r for r in caplog.records if "ignored message" in r.getMessage()])
-             >= len(payloads) * read_by_coordinator, "every bad message to be logged")
+    wait_for(
+        lambda: (
+            len([r for r in caplog.records if "ignored message" in r.getMessage()])
+            >= len(payloads) * read_by_coordinator
+        ),
+        "every bad message to be logged",
+    )
     text = caplog.text
-    for reason in ("bad_encoding", "bad_message", "unsupported_version", "mismatch",
-                   "too_large", "invalid node id 'bad id!'"):
+    for reason in (
+        "bad_encoding",
+        "bad_message",
+        "unsupported_version",
+        "mismatch",
+        "too_large",
+        "invalid node id 'bad id!'",
+    ):
         assert reason in text, reason
     assert coordinator.thread.is_alive()
     assert coordinator.state("alpha") == "online"
@@ -316,8 +366,10 @@ def test_coordinator_asks_a_live_node_without_caps_to_announce(
     client.loop_stop()
     client.disconnect()
 
-    wait_for(lambda: any(c.get("op") == "announce" for c in observer.seen(t.node_cmd("alpha"))),
-             "the coordinator's announce command")
+    wait_for(
+        lambda: any(c.get("op") == "announce" for c in observer.seen(t.node_cmd("alpha"))),
+        "the coordinator's announce command",
+    )
     wait_for(lambda: registry.nodes["alpha"].caps is not None, "caps announced again")
     reply = wait_for(lambda: observer.seen(t.node_reply("alpha")), "the node's reply")[0]
     assert reply["ok"] is True

@@ -75,14 +75,20 @@ def check_digits(broker: Broker, prefix: str, service: str, model: str, nodes: s
 def test_digits_on_two_nodes(
     broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
 ) -> None:
-    """[T-SERVE-1] [T-REQ-1] the spec file deploys 2 replicas; the held-out set through the
-    system is as accurate as, and equal to, the model run directly; no request twice."""
+    """[T-SERVE-1] [T-REQ-1] [T-DEPLOY-1] the spec file deploys 2 replicas, each node
+    answering its deploy once loaded and warmed up; the held-out set through the system is
+    as accurate as, and equal to, the model run directly; no request is answered twice."""
     procs.node(broker, prefix, "n1")
     procs.node(broker, prefix, "n2")
     wait_for(lambda: all(coordinator.state(n) == "online" for n in ("n1", "n2")), "nodes online")
     deploy(broker, prefix, str(DIGITS / "service.yaml"))
     nodes = ready_on(observer, prefix, "digits", 2)
     assert set(nodes) == {"n1", "n2"}
+    t = Topics(prefix)
+    for n in ("n1", "n2"):
+        (reply,) = [r for r in observer.seen(t.node_reply(n)) if r["ok"]]
+        assert reply["result"]["state"] == "ready" and reply["result"]["warmup_ms"] >= 0
+        assert reply["result"]["inputs"][0]["shape"] == [1, 8, 8, 1]
     check_digits(broker, prefix, "digits", "digits_int8.tflite", {"n1", "n2"})
 
 

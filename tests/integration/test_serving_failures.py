@@ -132,6 +132,41 @@ def test_node_killed_with_requests_in_flight(
     assert victim not in after
 
 
+def test_no_ready_replica_answers_unavailable(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
+) -> None:
+    """[T-SERVE-4] a service no node can run fails with the reason, and its requests get
+    an 'unavailable' error from the coordinator instead of silence."""
+    procs.node(broker, prefix, "n1")
+    wait_for(lambda: coordinator.state("n1") == "online", "n1 online")
+    out = mqinfer(
+        "deploy",
+        "--model",
+        str(DIGITS / "digits_int8.tflite"),
+        "--name",
+        "tpu-digits",
+        "--accelerator",
+        "edgetpu",
+        "--broker",
+        broker.url,
+        "--prefix",
+        prefix,
+        "--wait",
+        "--timeout",
+        "60",
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "n1: no edgetpu accelerator" in out.stderr, out.stderr
+    req = Requester(broker, prefix, "tpu-digits")
+    try:
+        req.send("u1", png(digits_test_set()[0][0]))
+        result = req.wait("u1")
+    finally:
+        req.close()
+    assert result["ok"] is False and result["error"]["code"] == "unavailable"
+    assert "no ready replica" in result["error"]["message"] and "node" not in result
+
+
 def test_tampered_artifact_is_refused(
     broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
 ) -> None:
@@ -223,7 +258,7 @@ def test_returning_node_is_reconciled(
         other = "n2" if first == "n1" else "n1"
         nodes[first].signal(signal.SIGSTOP)
         wait_for(lambda: coordinator.state(first) == "lost", f"{first} lost")
-        assert ready_on(observer, prefix, "d", 1) == [other]
+        wait_for(lambda: ready_on(observer, prefix, "d", 1) == [other], f"d moved to {other}")
         nodes[first].signal(signal.SIGCONT)
         wait_for(lambda: coordinator.state(first) == "online", f"{first} back")
         t = Topics(prefix)

@@ -34,9 +34,25 @@ def test_mosquitto_sub_shows_announcements_as_readable_json(
     t = Topics(prefix)
     wait_for(lambda: observer.json(t.node_heartbeat("alpha")), "alpha's first heartbeat")
     out = subprocess.run(
-        [need_client_tool("mosquitto_sub"), "-h", "127.0.0.1", "-p", str(broker.port),
-         "-t", f"{prefix}/nodes/#", "-v", "-C", "3", "-W", "20", "--retained-only"],
-        capture_output=True, timeout=60, text=True, check=True,
+        [
+            need_client_tool("mosquitto_sub"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(broker.port),
+            "-t",
+            f"{prefix}/nodes/#",
+            "-v",
+            "-C",
+            "3",
+            "-W",
+            "20",
+            "--retained-only",
+        ],
+        capture_output=True,
+        timeout=60,
+        text=True,
+        check=True,
     )
     seen = {}
     for line in out.stdout.splitlines():
@@ -52,15 +68,19 @@ def test_status_works_without_a_coordinator(broker: Broker, prefix: str, procs: 
     """[T-STATUS-1] status reads the retained state itself."""
     procs.node(broker, prefix, "alpha")
     view = wait_for(
-        lambda: (v := status_json(broker, prefix))["nodes"] and v["nodes"][0]["state"] == "online"
-        and v,
+        lambda: (
+            (v := status_json(broker, prefix))["nodes"] and v["nodes"][0]["state"] == "online" and v
+        ),
         "alpha in status",
     )
     assert view["coordinator"] is None
     assert view["nodes"][0]["id"] == "alpha"
     text = subprocess.run(
         [sys.executable, "-m", "mqinfer", "status", "--broker", broker.url, "--prefix", prefix],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     assert "alpha" in text and "online" in text and "coordinator: none seen" in text
 
@@ -70,16 +90,41 @@ def test_service_spec_and_status_show_in_status(broker: Broker, prefix: str) -> 
     t = Topics(prefix)
     pub = need_client_tool("mosquitto_pub")
     spec = {"v": 1, "name": "digits", "model": "models/digits.tflite", "replicas": 2}
-    status = {"v": 1, "name": "digits", "state": "ready",
-              "replicas": [{"node": "alpha", "state": "ready"}]}
-    for topic, payload in ((t.service_spec("digits"), spec), (t.service_status("digits"), status)):
-        subprocess.run([pub, "-h", "127.0.0.1", "-p", str(broker.port), "-t", topic, "-r",
-                        "-q", "1", "-m", orjson.dumps(payload).decode()], check=True, timeout=30)
-    view = status_json(broker, prefix)
-    assert view["services"] == [{
-        "name": "digits", "spec": {**spec, "constraints": {}}, "state": "ready", "reason": None,
+    status = {
+        "v": 1,
+        "name": "digits",
+        "state": "ready",
         "replicas": [{"node": "alpha", "state": "ready"}],
-    }]
+    }
+    for topic, payload in ((t.service_spec("digits"), spec), (t.service_status("digits"), status)):
+        subprocess.run(
+            [
+                pub,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(broker.port),
+                "-t",
+                topic,
+                "-r",
+                "-q",
+                "1",
+                "-m",
+                orjson.dumps(payload).decode(),
+            ],
+            check=True,
+            timeout=30,
+        )
+    view = status_json(broker, prefix)
+    assert view["services"] == [
+        {
+            "name": "digits",
+            "spec": {**spec, "constraints": {}},
+            "state": "ready",
+            "reason": None,
+            "replicas": [{"node": "alpha", "state": "ready"}],
+        }
+    ]
 
 
 def test_commands_get_exactly_one_reply(
@@ -92,8 +137,10 @@ def test_commands_get_exactly_one_reply(
     procs.node(broker, prefix, "alpha")
     t = Topics(prefix)
     # Commands sent the moment 'online' is seen are not missed: the node subscribed first.
-    wait_for(lambda: (observer.json(t.node_state("alpha")) or {}).get("state") == "online",
-             "alpha online")
+    wait_for(
+        lambda: (observer.json(t.node_state("alpha")) or {}).get("state") == "online",
+        "alpha online",
+    )
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
@@ -106,8 +153,9 @@ def test_commands_get_exactly_one_reply(
         client.publish(t.node_cmd("alpha"), payload, qos=1).wait_for_publish(10)
     client.loop_stop()
     client.disconnect()
-    replies = wait_for(lambda: len(r := observer.seen(t.node_reply("alpha"))) >= 4 and r,
-                       "four replies")
+    replies = wait_for(
+        lambda: len(r := observer.seen(t.node_reply("alpha"))) >= 4 and r, "four replies"
+    )
     by_id = {r.get("id"): r for r in replies}
     assert len(replies) == 4
     assert by_id["p1"]["ok"] is True and "pong" in by_id["p1"]["result"]
@@ -121,18 +169,39 @@ def test_refused_credentials_exit_nonzero(tmp_path: Path, procs: Procs) -> None:
     """A wrong password is fatal: exit status 3 and a message that says why."""
     need_mosquitto()
     pw = tmp_path / "passwd"
-    subprocess.run([need_client_tool("mosquitto_passwd"), "-b", "-c", str(pw), "edge", "right"],
-                   check=True, timeout=30)
+    subprocess.run(
+        [need_client_tool("mosquitto_passwd"), "-b", "-c", str(pw), "edge", "right"],
+        check=True,
+        timeout=30,
+    )
     b = Broker("mosquitto", free_port(), tmp_path, passwd=pw)
     b.start()
     try:
         prefix = f"t{uuid.uuid4().hex[:8]}"
-        bad = procs.start("bad", "node", "--broker", b.url_as("edge", "wrong"),
-                          "--prefix", prefix, "--id", "alpha")
+        bad = procs.start(
+            "bad",
+            "node",
+            "--broker",
+            b.url_as("edge", "wrong"),
+            "--prefix",
+            prefix,
+            "--id",
+            "alpha",
+        )
         assert bad.proc.wait(60) == 3
         assert "Bad user name or password" in bad.log() or "Not authorized" in bad.log()
-        good = procs.start("good", "node", "--broker", b.url_as("edge", "right"),
-                           "--prefix", prefix, "--id", "alpha", "--heartbeat", "0.5")
+        good = procs.start(
+            "good",
+            "node",
+            "--broker",
+            b.url_as("edge", "right"),
+            "--prefix",
+            prefix,
+            "--id",
+            "alpha",
+            "--heartbeat",
+            "0.5",
+        )
         view = wait_for(
             lambda: (v := status_json(b, prefix, b.url_as("edge", "right")))["nodes"] and v,
             "good node seen",
@@ -147,14 +216,19 @@ def test_coordinator_cli_runs_and_stops_cleanly(
     broker: Broker, prefix: str, procs: Procs, observer: Observer
 ) -> None:
     """`mqinfer coordinator` announces itself retained and says 'offline' on SIGTERM."""
-    c = procs.start("coordinator", "coordinator", "--broker", broker.url, "--prefix", prefix,
-                    "--id", "main")
+    c = procs.start(
+        "coordinator", "coordinator", "--broker", broker.url, "--prefix", prefix, "--id", "main"
+    )
     t = Topics(prefix)
-    wait_for(lambda: (observer.json(t.coordinator_state()) or {}).get("state") == "online",
-             "coordinator online")
+    wait_for(
+        lambda: (observer.json(t.coordinator_state()) or {}).get("state") == "online",
+        "coordinator online",
+    )
     assert c.terminate() == 0
-    wait_for(lambda: (observer.json(t.coordinator_state()) or {}).get("state") == "offline",
-             "coordinator offline")
+    wait_for(
+        lambda: (observer.json(t.coordinator_state()) or {}).get("state") == "offline",
+        "coordinator offline",
+    )
 
 
 def test_coordinator_will_marks_it_lost(
@@ -162,11 +236,15 @@ def test_coordinator_will_marks_it_lost(
 ) -> None:
     c = procs.start("coordinator", "coordinator", "--broker", broker.url, "--prefix", prefix)
     t = Topics(prefix)
-    wait_for(lambda: (observer.json(t.coordinator_state()) or {}).get("state") == "online",
-             "coordinator online")
+    wait_for(
+        lambda: (observer.json(t.coordinator_state()) or {}).get("state") == "online",
+        "coordinator online",
+    )
     c.kill9()
-    wait_for(lambda: (observer.json(t.coordinator_state()) or {}).get("state") == "lost",
-             "coordinator lost by its Will")
+    wait_for(
+        lambda: (observer.json(t.coordinator_state()) or {}).get("state") == "lost",
+        "coordinator lost by its Will",
+    )
 
 
 def test_mosquitto_config_keeps_retained_messages_across_restart(mosquitto: Broker) -> None:
@@ -174,12 +252,18 @@ def test_mosquitto_config_keeps_retained_messages_across_restart(mosquitto: Brok
     pub, sub = need_client_tool("mosquitto_pub"), need_client_tool("mosquitto_sub")
     topic = f"t{uuid.uuid4().hex[:8]}/mqinfer/nodes/alpha/state"
     payload = '{"v":1,"node":"alpha","state":"online","session":7}'
-    subprocess.run([pub, "-p", str(mosquitto.port), "-t", topic, "-r", "-q", "1", "-m", payload],
-                   check=True, timeout=30)
+    subprocess.run(
+        [pub, "-p", str(mosquitto.port), "-t", topic, "-r", "-q", "1", "-m", payload],
+        check=True,
+        timeout=30,
+    )
     mosquitto.restart()
     out = subprocess.run(
         [sub, "-p", str(mosquitto.port), "-t", topic, "-C", "1", "-W", "10", "--retained-only"],
-        capture_output=True, text=True, timeout=30, check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     assert out.stdout.strip() == payload
 
@@ -204,11 +288,16 @@ def test_demo_shows_a_live_cluster() -> None:
     """`mqinfer demo` (what `make demo` runs) brings up a cluster, shows it and stops cleanly."""
     out = subprocess.run(
         [sys.executable, "-m", "mqinfer", "demo", "--port", str(free_port())],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    rows = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()
-            if line.startswith("demo-node-")}
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in out.stdout.splitlines()
+        if line.startswith("demo-node-")
+    }
     assert rows == {"demo-node-1": "online", "demo-node-2": "online"}
     assert "coordinator: demo online" in out.stdout
     assert "stopped the nodes and the coordinator cleanly" in out.stdout
@@ -228,14 +317,52 @@ def test_mqtts_url_connects_with_tls(tmp_path: Path, procs: Procs) -> None:
     names = ("ca.pem", "server.key", "server.csr", "server.pem")
     ca, key, csr, cert = (tmp_path / n for n in names)
     ca_key = tmp_path / "ca.key"
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test CA",
-        "-keyout", str(ca_key), "-out", str(ca))
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-        "-keyout", str(key), "-out", str(csr))
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca),
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+    )
     ext = tmp_path / "san.ext"
     ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
-        "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(cert))
+    run(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(cert),
+    )
 
     # TLS on the derived config's listener.
     b = Broker("mosquitto", free_port(), tmp_path, extra_conf=f"certfile {cert}\nkeyfile {key}\n")
@@ -244,14 +371,29 @@ def test_mqtts_url_connects_with_tls(tmp_path: Path, procs: Procs) -> None:
         url = f"mqtts://127.0.0.1:{b.port}"
         env = {**os.environ, "SSL_CERT_FILE": str(ca)}
         node = subprocess.Popen(
-            [sys.executable, "-m", "mqinfer", "node", "--id", "alpha", "--broker", url,
-             "--heartbeat", "0.5"], env=env, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "mqinfer",
+                "node",
+                "--id",
+                "alpha",
+                "--broker",
+                url,
+                "--heartbeat",
+                "0.5",
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
         )
         try:
+
             def status() -> dict[str, Any] | None:
                 out = subprocess.run(
                     [sys.executable, "-m", "mqinfer", "status", "--json", "--broker", url],
-                    capture_output=True, timeout=60, env=env,
+                    capture_output=True,
+                    timeout=60,
+                    env=env,
                 )
                 return orjson.loads(out.stdout) if out.returncode == 0 else None
 
@@ -260,7 +402,9 @@ def test_mqtts_url_connects_with_tls(tmp_path: Path, procs: Procs) -> None:
             # Without the CA the broker's certificate is refused, with a clear error.
             out = subprocess.run(
                 [sys.executable, "-m", "mqinfer", "status", "--broker", url],
-                capture_output=True, text=True, timeout=60,
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             assert out.returncode == 1
             assert "CERTIFICATE_VERIFY_FAILED" in out.stderr

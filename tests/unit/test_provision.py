@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pytest
-
 from coordinator.provision import (
     DEPLOY_ATTEMPTS,
     DEPLOY_TIMEOUT,

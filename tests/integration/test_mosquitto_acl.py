@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -35,7 +36,8 @@ def _publish_as(broker: Broker, user: str, topic: str, payload: bytes) -> None:
     c.disconnect()
 
 
-def test_acl_lets_nodes_write_only_their_own_subtree(tmp_path: Path, procs: Procs) -> None:
+def _secured_broker(tmp_path: Path) -> Broker:
+    """Mosquitto with a password file for USERS (password 'pw') and the shipped ACL."""
     need_mosquitto()
     passwd_tool = need_client_tool("mosquitto_passwd")
     pw = tmp_path / "passwd"
@@ -46,6 +48,11 @@ def test_acl_lets_nodes_write_only_their_own_subtree(tmp_path: Path, procs: Proc
     shutil.copy(REPO / "deploy" / "mosquitto" / "acl.example", acl)
     b = Broker("mosquitto", free_port(), tmp_path, passwd=pw, acl=acl)
     b.start()
+    return b
+
+
+def test_acl_lets_nodes_write_only_their_own_subtree(tmp_path: Path, procs: Procs) -> None:
+    b = _secured_broker(tmp_path)
     try:
         t = Topics()  # the ACL is written for the default prefix
         procs.start("coordinator", "coordinator", "--broker", b.url_as("coordinator", "pw"))
@@ -96,5 +103,90 @@ def test_acl_lets_nodes_write_only_their_own_subtree(tmp_path: Path, procs: Proc
         assert nodes["edge-01"]["host"] == caps_before
         assert nodes["edge-02"]["state"] == "offline"
         assert view["services"] == []
+    finally:
+        b.stop()
+
+
+def test_acl_allows_deploying_and_serving(tmp_path: Path, procs: Procs) -> None:
+    """Under the shipped ACL the coordinator account deploys, a node fetches the artifact
+    and answers, and a client gets results on result/ID and on an MQTT 5 response topic
+    under mqinfer/replies/."""
+    rr = need_client_tool("mosquitto_rr")
+    b = _secured_broker(tmp_path)
+    try:
+        coord = b.url_as("coordinator", "pw")
+        procs.start("coordinator", "coordinator", "--broker", coord)
+        procs.node(b, "mqinfer", "edge-01", "--broker", b.url_as("edge-01", "pw"))
+        models = REPO / "models" / "digits"
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mqinfer",
+                "deploy",
+                "--model",
+                str(models / "digits_int8.tflite"),
+                "--name",
+                "digits",
+                "--broker",
+                coord,
+                "--wait",
+                "--timeout",
+                "60",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        sample = sorted((models / "samples").glob("digit_*.png"))[0]
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mqinfer",
+                "infer",
+                "digits",
+                str(sample),
+                "--json",
+                "--broker",
+                b.url_as("client", "pw"),
+                "--timeout",
+                "30",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        result = orjson.loads(out.stdout)
+        assert result["ok"] and result["top"][0]["label"] == sample.name.split("_")[1]
+        body = orjson.dumps({"inputs": [[[0.0]] * 8] * 8}).decode()
+        out = subprocess.run(
+            [
+                rr,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(b.port),
+                "-u",
+                "client",
+                "-P",
+                "pw",
+                "-t",
+                Topics().service_request("digits"),
+                "-e",
+                "mqinfer/replies/me",
+                "-m",
+                body,
+                "-W",
+                "20",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert orjson.loads(out.stdout)["ok"] is True
     finally:
         b.stop()

@@ -23,6 +23,7 @@ from tests.integration.harness import (
 )
 from tests.integration.requests import (
     DIGITS,
+    REPO,
     Requester,
     deploy,
     digits_test_set,
@@ -226,3 +227,44 @@ def test_mosquitto_rr_uses_the_response_topic(
     finally:
         obs.close()
         coordinator.shutdown()
+
+
+def test_mobilenet_jpeg_through_a_chunked_artifact(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
+) -> None:
+    """[T-ART-1] a 3.9 MB model travels in 16 chunks and arrives intact; a JPEG camera
+    frame of another size is decoded and resized as its manifest says, and the output
+    equals the model run directly on the same pixels."""
+    import io
+
+    from ai_edge_litert.interpreter import Interpreter
+    from PIL import Image
+
+    procs.node(broker, prefix, "n1")
+    wait_for(lambda: coordinator.state("n1") == "online", "n1 online")
+    model = REPO / "models" / "mobilenet_v2" / "mobilenet_v2_int8.tflite"
+    out = deploy(broker, prefix, "--model", str(model), "--name", "mnet")
+    assert "uploaded" in out.stderr
+    ready_on(observer, prefix, "mnet", 1)
+    chunks = [t for t, _, _ in observer.log if "/chunk/" in t]
+    assert len(set(chunks)) == 16
+    rng = np.random.default_rng(3)
+    frame = Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), "RGB")
+    jpeg = io.BytesIO()
+    frame.save(jpeg, format="JPEG", quality=90)
+    req = Requester(broker, prefix, "mnet")
+    try:
+        result = req.run({"frame-1": jpeg.getvalue()})["frame-1"]
+    finally:
+        req.close()
+    assert result["ok"], result
+    pixels = Image.open(io.BytesIO(jpeg.getvalue())).convert("RGB")
+    pixels = pixels.resize((224, 224), Image.Resampling.BILINEAR)
+    it = Interpreter(model_path=str(model))
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], np.asarray(pixels, np.uint8)[None])
+    it.invoke()
+    expected = it.get_tensor(it.get_output_details()[0]["index"])
+    got = np.array(result["outputs"][0]["values"], dtype=np.uint8)
+    np.testing.assert_array_equal(got, expected)
+    assert "top" not in result  # no labels in this manifest

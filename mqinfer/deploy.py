@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from mqinfer import options
@@ -61,6 +62,18 @@ class _Follower:
                 self.status, self.cleared = msg, False
             self.changed.notify_all()
 
+    def until(self, outcome: Callable[[], int | None], wait: float) -> int | None:
+        """Wait until `outcome()` (called with the status current) is not None; None when
+        `wait` seconds pass first."""
+        deadline = time.monotonic() + wait
+        with self.changed:
+            while (result := outcome()) is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.changed.wait(min(left, 0.5))
+            return result
+
 
 def _connect(url: BrokerURL, protocol: str, follower: _Follower, what: str) -> Connection:
     conn = Connection(
@@ -108,29 +121,32 @@ def deploy(
         print(f"service {spec.name}: spec published (revision {revision})", file=sys.stderr)
         if wait is None:
             return 0
-        deadline = time.monotonic() + wait
-        with follower.changed:
-            while True:
-                st = follower.status
-                if st is not None and st.revision == revision:
-                    if st.state == "ready":
-                        print(f"service {spec.name}: ready on {_replicas(st)}")
-                        return 0
-                    if st.state in ("failed", "degraded") and not any(
-                        r.state == "deploying" for r in st.replicas
-                    ):
-                        print(f"service {spec.name}: {st.state}: {st.reason}", file=sys.stderr)
-                        return EXIT_FAILED if st.state == "failed" else 0
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    now = f"{st.state} ({_replicas(st)})" if st else "no status yet"
-                    print(
-                        f"service {spec.name}: not ready after {wait:.0f} s: {now}; "
-                        "is a coordinator running?",
-                        file=sys.stderr,
-                    )
-                    return EXIT_TIMEOUT
-                follower.changed.wait(min(left, 0.5))
+
+        def outcome() -> int | None:
+            st = follower.status
+            if st is None or st.revision != revision:
+                return None
+            if st.state == "ready":
+                print(f"service {spec.name}: ready on {_replicas(st)}")
+                return 0
+            if st.state in ("failed", "degraded") and not any(
+                r.state == "deploying" for r in st.replicas
+            ):
+                print(f"service {spec.name}: {st.state}: {st.reason}", file=sys.stderr)
+                return EXIT_FAILED if st.state == "failed" else 0
+            return None
+
+        result = follower.until(outcome, wait)
+        if result is None:
+            st = follower.status
+            now = f"{st.state} ({_replicas(st)})" if st else "no status yet"
+            print(
+                f"service {spec.name}: not ready after {wait:.0f} s: {now}; "
+                "is a coordinator running?",
+                file=sys.stderr,
+            )
+            return EXIT_TIMEOUT
+        return result
     finally:
         conn.close()
 
@@ -146,22 +162,21 @@ def undeploy(
         print(f"service {name}: spec removed", file=sys.stderr)
         if wait is None:
             return 0
-        deadline = time.monotonic() + wait
-        with follower.changed:
-            while True:
-                st = follower.status
-                if follower.cleared or (st is not None and st.state == "removed"):
-                    print(f"service {name}: removed")
-                    return 0
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    print(
-                        f"service {name}: still {st.state if st else 'unknown'} after "
-                        f"{wait:.0f} s; is a coordinator running?",
-                        file=sys.stderr,
-                    )
-                    return EXIT_TIMEOUT
-                follower.changed.wait(min(left, 0.5))
+
+        def removed() -> int | None:
+            st = follower.status
+            return 0 if follower.cleared or (st is not None and st.state == "removed") else None
+
+        if follower.until(removed, wait) is None:
+            st = follower.status
+            print(
+                f"service {name}: still {st.state if st else 'unknown'} after "
+                f"{wait:.0f} s; is a coordinator running?",
+                file=sys.stderr,
+            )
+            return EXIT_TIMEOUT
+        print(f"service {name}: removed")
+        return 0
     finally:
         conn.close()
 

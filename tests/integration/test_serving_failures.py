@@ -29,6 +29,7 @@ from tests.integration.harness import (
 )
 from tests.integration.requests import (
     DIGITS,
+    REPO,
     Requester,
     deploy,
     digits_test_set,
@@ -307,3 +308,29 @@ def test_coordinator_restart_keeps_the_placement(
         assert status(observer, prefix, "digits")["state"] == "ready"  # type: ignore[index]
     finally:
         again.shutdown()
+
+
+def test_a_full_queue_answers_busy(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
+) -> None:
+    """A burst larger than the replica's queue: the overflow gets 'busy' at once, the rest
+    is served, and each request gets exactly one answer."""
+    procs.node(broker, prefix, "n1")
+    wait_for(lambda: coordinator.state("n1") == "online", "n1 online")
+    model = REPO / "models" / "mobilenet_v2" / "mobilenet_v2_int8.tflite"
+    spec = procs.tmp_path / "small-queue.yaml"
+    spec.write_text(f"name: mnet\nmodel: {model}\nreplicas: 1\nqueue: 2\n")
+    deploy(broker, prefix, str(spec))
+    ready_on(observer, prefix, "mnet", 1)
+    frame = bytes(224 * 224 * 3)  # raw uint8 [1,224,224,3]
+    req = Requester(broker, prefix, "mnet")
+    try:
+        results = req.run({f"b{i}": frame for i in range(40)}, window=40)
+    finally:
+        req.close()
+    codes = [r["error"]["code"] for r in results.values() if not r["ok"]]
+    served = sum(r["ok"] for r in results.values())
+    assert set(codes) == {"busy"} and served >= 2, (served, codes)
+    assert "2 requests queued" in next(
+        r["error"]["message"] for r in results.values() if not r["ok"]
+    )

@@ -92,7 +92,11 @@ def as_json(registry: Registry, now: float | None = None) -> dict[str, Any]:
                 else None,
                 "state": rec.status.state if rec.status else "unknown",
                 "reason": rec.status.reason if rec.status else None,
-                "replicas": [r.model_dump() for r in rec.status.replicas] if rec.status else [],
+                "replicas": (
+                    [r.model_dump(exclude_none=True) for r in rec.status.replicas]
+                    if rec.status
+                    else []
+                ),
             }
         )
     coord = registry.coordinator

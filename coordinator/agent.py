@@ -200,7 +200,9 @@ class CoordinatorAgent:
             and not a.status.ready_nodes()
         }
         self._follow_unavailable(conn, wanted)
-        for action in actions:
+        # Statuses before commands: a replica that a command takes out of service (a new
+        # model to load) is out of every other replica's ready set before it stops reading.
+        for action in sorted(actions, key=lambda a: not isinstance(a, PublishStatus)):
             self._carry_out(conn, action)
 
     def _carry_out(self, conn: Connection, action: Action) -> None:

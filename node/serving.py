@@ -162,7 +162,8 @@ class Replica:
                 self.ready,
             )
             if mine != self.node_id:
-                self._witness.add(Witnessed(key, mine, job.deadline, job, len(message.payload)))
+                expires = job.deadline + self._grace()
+                self._witness.add(Witnessed(key, mine, expires, job, len(message.payload)))
                 return
         self._enqueue(job)
 
@@ -198,8 +199,29 @@ class Replica:
             self._witness.done(done.keys)
 
     def tick(self, now: float) -> None:
+        """[T-SERVE-2] a witnessed request that its owner has not answered by its deadline
+        plus a grace period is answered 'timeout' by one replica: the owner's successor."""
         with self._lock:
-            self._witness.expire(now)
+            late = self._witness.expire(now)
+            listed, ready = self.listed, self.ready
+        for entry in late:
+            if entry.owner is None:
+                continue  # came while no replica was ready: the coordinator answered it
+            others = [n for n in ready if n != entry.owner] or [
+                n for n in listed if n != entry.owner
+            ]
+            if owner(entry.key, others) == self.node_id:
+                self._fail(
+                    entry.item,
+                    Code.TIMEOUT,
+                    f"no answer from {entry.owner} within {self.spec.deadline_ms} ms "
+                    f"(+{self._grace() * 1000:.0f} ms grace)",
+                )
+
+    def _grace(self) -> float:
+        """How long past a request's deadline its witnesses wait for the owner's answer:
+        the owner answers 'timeout' itself at the deadline unless a model run is under way."""
+        return max(2.0, self.spec.deadline_ms / 2000)
 
     def _enqueue(self, job: Job) -> None:
         if len(job.message.payload) > self.max_request_bytes:

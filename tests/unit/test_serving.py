@@ -1,0 +1,179 @@
+"""Replicas of one service deciding among themselves who answers, with the real digits
+model and no broker: the test plays the broker, delivering the same statuses, requests
+and done notices to each replica and collecting what they publish."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import orjson
+
+from mqinfer.client import Message, Outgoing
+from mqinfer.servicefile import read_model
+from node.runtimes import available_backends
+from node.serving import Replica
+from protocol import messages as m
+from protocol.routing import owner, request_key
+from protocol.topics import Kind, Topics
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = REPO / "models" / "digits" / "digits_int8.tflite"
+T = Topics()
+
+
+class Bus:
+    """What the replicas published, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[Outgoing] = []
+
+    def send(self, messages: list[Outgoing]) -> None:
+        self.sent.extend(messages)
+
+    def results(self) -> list[dict[str, object]]:
+        return [orjson.loads(o.payload) for o in self.sent if "/result" in o.topic]
+
+    def dones(self) -> list[m.Done]:
+        return [
+            m.Done.model_validate_json(o.payload) for o in self.sent if o.topic.endswith("done")
+        ]
+
+
+def replica(node: str, bus: Bus, deadline_ms: int = 10_000) -> Replica:
+    model = read_model(MODEL)
+    spec = m.ServiceSpec(
+        name="d",
+        model=MODEL.name,
+        artifact=model.sha256,
+        format="tflite",
+        size=len(model.data),
+        deadline_ms=deadline_ms,
+        manifest=model.manifest,
+    )
+    r = Replica(
+        node_id=node,
+        spec=spec,
+        path=MODEL,
+        backend=available_backends()["tflite"],
+        topics=T,
+        send=bus.send,
+    )
+    r.load()
+    r.start()
+    return r
+
+
+def status(*ready: str, listed: tuple[str, ...] = ()) -> m.ServiceStatus:
+    replicas = [m.ReplicaStatus(node=n, state="ready") for n in ready]
+    replicas += [m.ReplicaStatus(node=n, state="deploying") for n in listed]
+    return m.ServiceStatus(name="d", state="ready", replicas=replicas)
+
+
+def request(i: int) -> tuple[Message, str]:
+    topic = T.service_request("d", f"q{i}")
+    payload = bytes([i % 256]) * 64  # raw int8 [1,8,8,1]
+    return Message(topic, payload, 1, False), request_key(topic, payload, None, None)
+
+
+def deliver(replicas: list[Replica], msg: Message) -> None:
+    ref = T.parse(msg.topic)
+    assert ref.kind is Kind.SERVICE_REQUEST
+    for r in replicas:
+        r.on_request(ref, msg)
+
+
+def wait_for_results(bus: Bus, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while len(bus.results()) < count:
+        assert time.monotonic() < deadline, f"{len(bus.results())} of {count} results"
+        time.sleep(0.01)
+
+
+def test_each_request_is_answered_once_by_its_owner() -> None:
+    """[T-SERVE-1] two replicas fed the same requests answer each exactly once, the owner."""
+    bus = Bus()
+    reps = [replica("n1", bus), replica("n2", bus)]
+    try:
+        for r in reps:
+            r.on_status(status("n1", "n2"))
+        keys = {}
+        for i in range(40):
+            msg, key = request(i)
+            keys[f"q{i}"] = key
+            deliver(reps, msg)
+        wait_for_results(bus, 40)
+        time.sleep(0.1)
+        results = bus.results()
+        assert sorted(r["request_id"] for r in results) == sorted(keys)
+        for r in results:
+            assert r["ok"] and r["node"] == owner(keys[str(r["request_id"])], ["n1", "n2"])
+        assert {r["node"] for r in results} == {"n1", "n2"}
+        assert len([k for d in bus.dones() for k in d.keys]) == 40
+    finally:
+        for r in reps:
+            r.stop()
+
+
+def test_a_lost_owners_requests_are_served_by_a_witness() -> None:
+    """[T-SERVE-2] n1 receives nothing (it died); when the status drops it, n2 answers
+    what n1 owned, and does not answer twice what n1 had answered before it died."""
+    bus = Bus()
+    n1, n2 = replica("n1", bus), replica("n2", bus)
+    try:
+        for r in (n1, n2):
+            r.on_status(status("n1", "n2"))
+        owned_by_n1 = []
+        for i in range(40):
+            msg, key = request(i)
+            if i < 20:
+                deliver([n1, n2], msg)  # both alive
+            else:
+                deliver([n2], msg)  # n1 is dead: it never reads these
+                if owner(key, ["n1", "n2"]) == "n1":
+                    owned_by_n1.append(f"q{i}")
+        wait_for_results(bus, 40 - len(owned_by_n1))
+        for done in bus.dones():  # the broker delivers n1's done notices to n2
+            n2.on_done(done)
+        before = len(bus.results())
+        n2.on_status(status("n2"))  # n1's Will: the coordinator drops it
+        wait_for_results(bus, before + len(owned_by_n1))
+        time.sleep(0.1)
+        late = bus.results()[before:]
+        assert sorted(r["request_id"] for r in late) == sorted(owned_by_n1)
+        assert all(r["node"] == "n2" and r["ok"] for r in late)
+        assert len({r["request_id"] for r in bus.results()}) == len(bus.results()) == 40
+    finally:
+        n1.stop()
+        n2.stop()
+
+
+def test_an_owner_that_never_answers_gets_a_timeout_from_its_successor() -> None:
+    """[T-SERVE-2] n1 stays listed but never answers (stuck): after the deadline and the
+    grace period, exactly one witness answers each of its requests with 'timeout'."""
+    bus = Bus()
+    n2, n3 = replica("n2", bus, deadline_ms=100), replica("n3", bus, deadline_ms=100)
+    try:
+        for r in (n2, n3):
+            r.on_status(status("n1", "n2", "n3"))
+        stuck = []
+        for i in range(30):
+            msg, key = request(i)
+            deliver([n2, n3], msg)
+            if owner(key, ["n1", "n2", "n3"]) == "n1":
+                stuck.append(f"q{i}")
+        answered = 30 - len(stuck)
+        wait_for_results(bus, answered)
+        for done in bus.dones():
+            for r in (n2, n3):
+                r.on_done(done)
+        later = time.monotonic() + 2.5  # deadline 0.1 s + grace 2 s
+        for r in (n2, n3):
+            r.tick(later)
+        timeouts = [r for r in bus.results() if not r["ok"]]
+        assert sorted(r["request_id"] for r in timeouts) == sorted(stuck)
+        assert {r["error"]["code"] for r in timeouts} == {"timeout"}  # type: ignore[index]
+        assert all("no answer from n1" in r["error"]["message"] for r in timeouts)  # type: ignore[index]
+    finally:
+        n2.stop()
+        n3.stop()

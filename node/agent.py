@@ -170,6 +170,10 @@ class NodeAgent:
             replica = self.replicas.get(ref.service or "")
             if replica is not None:
                 replica.on_request(ref, message)
+        elif kind is Kind.SERVICE_RESULT:
+            replica = self.replicas.get(ref.service or "")
+            if replica is not None:
+                replica.on_result(ref, message)
         elif kind is Kind.SERVICE_DONE or kind is Kind.SERVICE_STATUS:
             self._service_message(ref, message)
         elif kind is Kind.ARTIFACT_META or kind is Kind.ARTIFACT_CHUNK:

@@ -12,10 +12,13 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from mqinfer.client import Message, Outgoing
 from node.runtimes import Backend, Model, RuntimeFailure, warm_up
@@ -33,6 +36,8 @@ log = logging.getLogger("mqinfer.node")
 Send = Callable[[list[Outgoing]], None]
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+ORPHAN_SETTLE = 0.3  # seconds a lost owner's requests wait for its late done notices
+MAX_WITNESSED_IDS = 8192
 
 
 @dataclass
@@ -75,6 +80,8 @@ class Replica:
         self._threads: list[threading.Thread] = []
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=spec.queue)
         self._witness: Witness[Job] = Witness()
+        self._orphans: list[tuple[float, Witnessed[Job]]] = []  # (serve at, request)
+        self._witnessed_ids: OrderedDict[str, str] = OrderedDict()  # request id -> key
         self._lock = threading.Lock()  # witness, ready, counters
         self._running = 0
 
@@ -103,10 +110,13 @@ class Replica:
         }
 
     def filters(self) -> list[str]:
+        result = self.topics.service_result(self.name)
         return [
             *self.topics.service_requests(self.name),
             self.topics.service_status(self.name),
             self.topics.service_done(self.name),
+            result,  # a result seen is as good as a done notice (amqtt can lose the
+            result + "/+",  # done of a client that disconnects right after its result)
         ]
 
     def start(self) -> None:
@@ -164,6 +174,11 @@ class Replica:
             if mine != self.node_id:
                 expires = job.deadline + self._grace()
                 self._witness.add(Witnessed(key, mine, expires, job, len(message.payload)))
+                if not message.response_topic:
+                    rid = replies.request_id(ref, message.correlation_data, None, key)
+                    self._witnessed_ids[rid] = key
+                    while len(self._witnessed_ids) > MAX_WITNESSED_IDS:
+                        self._witnessed_ids.popitem(last=False)
                 return
         self._enqueue(job)
 
@@ -180,9 +195,55 @@ class Replica:
             # Given up on (thought lost): the witnesses re-serve what we had queued.
             self._drain()
         if mine:
-            log.info("%s: answering %d requests of a replica that left", self.name, len(mine))
-        for entry in mine:
-            if self.node_id in ready:
+            # Served after ORPHAN_SETTLE: a broker that does not keep the order of messages
+            # from different clients (amqtt) may deliver the lost owner's last done notices
+            # after the status that dropped it.
+            log.info("%s: taking over %d requests of a replica that left", self.name, len(mine))
+            with self._lock:
+                due = time.monotonic() + ORPHAN_SETTLE
+                self._orphans += [(due, entry) for entry in mine]
+
+    def on_done(self, done: m.Done) -> None:
+        if done.node == self.node_id:
+            return
+        with self._lock:
+            self._forget(done.keys)
+
+    def on_result(self, ref: Ref, message: Message) -> None:
+        """A result on the service's result topics: the request it answers is done."""
+        rid = ref.request_id
+        if rid is None:
+            try:
+                body = orjson.loads(message.payload)
+            except orjson.JSONDecodeError:
+                return
+            rid = body.get("request_id") if isinstance(body, dict) else None
+        if not isinstance(rid, str):
+            return
+        with self._lock:
+            key = self._witnessed_ids.pop(rid, None)
+            if key is not None:
+                self._forget([key])
+
+    def _forget(self, keys: list[str]) -> None:
+        """Answered elsewhere: drop from the witness and from the orphans (lock held)."""
+        self._witness.done(keys)
+        if self._orphans:
+            left = list(keys)
+            kept = []
+            for due, entry in self._orphans:
+                if entry.key in left:
+                    left.remove(entry.key)  # answered after all
+                else:
+                    kept.append((due, entry))
+            self._orphans = kept
+
+    def _serve_orphans(self, now: float) -> None:
+        with self._lock:
+            due = [entry for t, entry in self._orphans if t <= now]
+            self._orphans = [(t, entry) for t, entry in self._orphans if t > now]
+        for entry in due:
+            if self.node_id in self.ready:
                 self._enqueue(entry.item)
             else:
                 self._fail(
@@ -192,15 +253,10 @@ class Replica:
                     "other ready replica",
                 )
 
-    def on_done(self, done: m.Done) -> None:
-        if done.node == self.node_id:
-            return
-        with self._lock:
-            self._witness.done(done.keys)
-
     def tick(self, now: float) -> None:
         """[T-SERVE-2] a witnessed request that its owner has not answered by its deadline
         plus a grace period is answered 'timeout' by one replica: the owner's successor."""
+        self._serve_orphans(now)
         with self._lock:
             late = self._witness.expire(now)
             listed, ready = self.listed, self.ready

@@ -334,3 +334,51 @@ def test_a_full_queue_answers_busy(
     assert "2 requests queued" in next(
         r["error"]["message"] for r in results.values() if not r["ok"]
     )
+
+
+def test_serving_goes_on_after_a_broker_restart(
+    mosquitto: Broker, prefix: str, procs: Procs
+) -> None:
+    """Mosquitto restarts (persistence on): nodes and coordinator reconnect, the replicas
+    subscribe again and the service answers as before. The models stay loaded: a node
+    given its replica back takes it in place instead of loading the model again."""
+    coordinator = start_coordinator(mosquitto, prefix)
+    obs = Observer(mosquitto, prefix)
+    try:
+        procs.node(mosquitto, prefix, "n1")
+        procs.node(mosquitto, prefix, "n2")
+        wait_for(lambda: all(coordinator.state(n) == "online" for n in ("n1", "n2")), "online")
+        deploy(mosquitto, prefix, str(DIGITS / "service.yaml"))
+        ready_on(obs, prefix, "digits", 2)
+        obs.close()
+        registry = coordinator.agent.registry
+        before = {n: registry.nodes[n].session for n in ("n1", "n2")}
+        mosquitto.restart()  # Mosquitto publishes the Wills of its clients as it stops
+        obs = Observer(mosquitto, prefix)
+
+        def whole_again() -> bool:
+            with coordinator.agent._lock:
+                nodes = [registry.nodes[n] for n in ("n1", "n2")]
+                back = all(r.state == "online" and r.session != before[r.id] for r in nodes)
+                svc = coordinator.agent.provisioner.services.get("digits")
+                placed = svc is not None and all(
+                    svc.replicas.get(n) and svc.replicas[n].state == "ready" for n in before
+                )
+                rec = registry.services.get("digits")
+                shown = rec and rec.status and rec.status.ready_nodes() == ["n1", "n2"]
+            return bool(back and placed and shown)
+
+        wait_for(whole_again, "digits whole again after the restart")
+        images, _labels = digits_test_set()
+        req = Requester(mosquitto, prefix, "digits")
+        try:
+            results = req.run({f"after-{i}": png(images[i]) for i in range(30)}, timeout=60)
+        finally:
+            req.close()
+        assert all(r["ok"] for r in results.values())
+        assert {r["node"] for r in results.values()} == {"n1", "n2"}
+        logs = "".join(p.log() for p in procs.all)
+        assert logs.count("serving digits") == 2, "deployed again after the restart"
+    finally:
+        obs.close()
+        coordinator.shutdown()

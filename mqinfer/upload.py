@@ -13,7 +13,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from mqinfer.client import Connection, Message
+import paho.mqtt.client as mqtt
+
+from mqinfer.client import Connection, Message, NotConnected
 from protocol import codec
 from protocol import messages as m
 from protocol.errors import ProtocolError
@@ -102,12 +104,12 @@ class Uploader:
         self.conn.publish_wait(self.topics.artifact_meta(sha256), codec.encode(meta), retain=True)
         return True
 
-    def _wait(self, info: object, timeout: float = 30.0) -> None:
+    def _wait(self, info: mqtt.MQTTMessageInfo, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        while not info.is_published():  # type: ignore[attr-defined]
+        while not info.is_published():
             if time.monotonic() > deadline or not self.conn.alive:
-                raise ConnectionError("the broker stopped acknowledging the upload")
-            info.wait_for_publish(0.05)  # type: ignore[attr-defined]
+                raise NotConnected("the broker stopped acknowledging the upload")
+            info.wait_for_publish(0.05)
 
 
 def progress_bar(label: str) -> Progress:

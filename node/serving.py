@@ -211,6 +211,8 @@ class Replica:
 
     def on_result(self, ref: Ref, message: Message) -> None:
         """A result on the service's result topics: the request it answers is done."""
+        if not self._witnessed_ids:
+            return  # nothing witnessed: no need to read results (our own, mostly)
         rid = ref.request_id
         if rid is None:
             try:

@@ -26,10 +26,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from protocol import messages as m
-from protocol.manifest import Manifest
+from protocol.manifest import Manifest, format_of
 from protocol.topics import check_id
-
-FORMATS = (("_edgetpu.tflite", "edgetpu_tflite"), (".tflite", "tflite"), (".onnx", "onnx"))
 
 
 class SpecFileError(ValueError):
@@ -64,11 +62,12 @@ class ModelFile:
 
 
 def model_format(path: Path) -> str:
-    name = path.name.lower()
-    for suffix, fmt in FORMATS:
-        if name.endswith(suffix):
-            return fmt
-    raise SpecFileError(f"{path}: not a model file; expected .tflite, _edgetpu.tflite or .onnx")
+    try:
+        return format_of(str(path))
+    except ValueError:
+        raise SpecFileError(
+            f"{path}: not a model file; expected .tflite, _edgetpu.tflite or .onnx"
+        ) from None
 
 
 def read_model(path: Path) -> ModelFile:

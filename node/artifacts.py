@@ -20,11 +20,12 @@ from mqinfer.client import Connection, Message
 from protocol import codec
 from protocol import messages as m
 from protocol.errors import Code, ProtocolError
+from protocol.manifest import FORMAT_SUFFIXES
 from protocol.topics import Ref, Topics
 
 log = logging.getLogger("mqinfer.node")
 
-EXTENSIONS = {"tflite": ".tflite", "edgetpu_tflite": "_edgetpu.tflite", "onnx": ".onnx"}
+EXTENSIONS = {fmt: suffix for suffix, fmt in FORMAT_SUFFIXES}
 
 
 def sha256_of(data: bytes) -> str:

@@ -14,6 +14,25 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Format = Literal["tflite", "onnx", "edgetpu_tflite"]
 
+# File name suffix of each format, most specific first.
+FORMAT_SUFFIXES: tuple[tuple[str, str], ...] = (
+    ("_edgetpu.tflite", "edgetpu_tflite"),
+    (".tflite", "tflite"),
+    (".onnx", "onnx"),
+)
+
+
+def format_of(path: str) -> str:
+    """'m_edgetpu.tflite' -> 'edgetpu_tflite', 'm.tflite' -> 'tflite', 'm.onnx' -> 'onnx'."""
+    name = path.replace("\\", "/").rsplit("/", 1)[-1].lower()
+    for suffix, fmt in FORMAT_SUFFIXES:
+        if name.endswith(suffix):
+            return fmt
+    raise ValueError(
+        f"cannot tell the model format of {path!r}: expected a file name ending in"
+        " .tflite, _edgetpu.tflite or .onnx"
+    )
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)

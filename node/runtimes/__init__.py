@@ -8,7 +8,6 @@ module wraps one runtime behind the `Backend` / `Model` interface of `base`.
 from __future__ import annotations
 
 import importlib
-import os
 from types import ModuleType
 
 from node import edgetpu as edgetpu_probe
@@ -16,6 +15,7 @@ from node.runtimes.base import Backend, Model, RuntimeFailure, warm_up
 from node.runtimes.edgetpu import EdgeTpuBackend
 from node.runtimes.litert import LiteRTBackend
 from node.runtimes.onnx import OnnxBackend
+from protocol.manifest import format_of
 
 __all__ = [
     "Backend",
@@ -35,25 +35,6 @@ RUNTIME_MODULES = {
     "tflite_runtime": "tflite_runtime.interpreter",
     "onnxruntime": "onnxruntime",
 }
-
-# (file name suffix, format), most specific first
-_SUFFIXES = (
-    ("_edgetpu.tflite", "edgetpu_tflite"),
-    (".tflite", "tflite"),
-    (".onnx", "onnx"),
-)
-
-
-def format_of(path: str) -> str:
-    """'m_edgetpu.tflite' -> 'edgetpu_tflite', 'm.tflite' -> 'tflite', 'm.onnx' -> 'onnx'."""
-    name = os.path.basename(path).lower()
-    for suffix, fmt in _SUFFIXES:
-        if name.endswith(suffix):
-            return fmt
-    raise ValueError(
-        f"cannot tell the model format of {path!r}: expected a file name ending in"
-        " .tflite, _edgetpu.tflite or .onnx"
-    )
 
 
 def import_runtimes() -> dict[str, ModuleType]:

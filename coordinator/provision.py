@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator import placement
-from coordinator.registry import Registry
+from coordinator.registry import NodeRecord, Registry
 from protocol import messages as m
 
 log = logging.getLogger("mqinfer.coordinator")
@@ -270,7 +270,7 @@ class Provisioner:
         return actions
 
 
-def _still_serving(rep: Replica, rec: Any, name: str) -> bool:
+def _still_serving(rep: Replica, rec: NodeRecord, name: str) -> bool:
     """False when a heartbeat of the node's current session, sent after the replica became
     ready, does not list the service (the node restarted and lost it)."""
     beat = rec.heartbeat

@@ -26,22 +26,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from node.runtimes.onnx import tensor_info
 from protocol.manifest import Manifest, Preprocessing, TensorInfo
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 MANIFESTS = sorted(MODELS.rglob("*.json"))
 SERVICES = sorted(MODELS.rglob("service.yaml"))
 MIN_TOP1 = 0.97
-
-_ONNX_DTYPES = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-    "tensor(int8)": "int8",
-    "tensor(uint8)": "uint8",
-    "tensor(int32)": "int32",
-    "tensor(int64)": "int64",
-}
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -65,8 +56,8 @@ class _Runner:
             import onnxruntime as ort
 
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            self.inputs = [self._onnx_info(a) for a in self.session.get_inputs()]
-            self.outputs = [self._onnx_info(a) for a in self.session.get_outputs()]
+            self.inputs = [tensor_info(a) for a in self.session.get_inputs()]
+            self.outputs = [tensor_info(a) for a in self.session.get_outputs()]
         else:
             from ai_edge_litert.interpreter import Interpreter
 
@@ -76,11 +67,6 @@ class _Runner:
             self._out = self.interpreter.get_output_details()
             self.inputs = [self._tflite_info(d) for d in self._in]
             self.outputs = [self._tflite_info(d) for d in self._out]
-
-    @staticmethod
-    def _onnx_info(arg: Any) -> TensorInfo:
-        shape = [d if isinstance(d, int) else -1 for d in arg.shape]
-        return TensorInfo(name=arg.name, dtype=_ONNX_DTYPES[arg.type], shape=shape)
 
     @staticmethod
     def _tflite_info(detail: dict[str, Any]) -> TensorInfo:

@@ -23,6 +23,7 @@ class Code(StrEnum):
     TIMEOUT = "timeout"  # no result before the request's deadline
     UNAVAILABLE = "unavailable"  # the service has no ready replica
     INFERENCE_FAILED = "inference_failed"  # the runtime raised while running the model
+    BAD_TENSOR = "bad_tensor"  # a stage message that is not a valid tensor message (pipelines)
     # provisioning (command replies and service status)
     BAD_ARTIFACT = "bad_artifact"  # missing chunks, or the sha256 does not match
     UNSUPPORTED_FORMAT = "unsupported_format"  # no runtime on the node runs this format

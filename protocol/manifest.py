@@ -92,3 +92,40 @@ class Manifest(_Frozen):
     accuracy: Accuracy | None = None
     test_set: str | None = Field(None, description="Held-out data file, relative")
     description: str = ""
+
+
+# ---- pipelines ------------------------------------------------------------------------
+
+
+class Segment(_Frozen):
+    """One piece of a split model. Its `manifest` names the segment file and its tensors:
+    the inputs of segment k+1 are the outputs of segment k (the tensors that cross the cut),
+    matched by name."""
+
+    manifest: Manifest
+    ops: tuple[int, int] = Field(description="Operators (TFLite) or nodes (ONNX) [start, end)")
+    latency_ms: float | None = Field(None, description="Median run time measured when split")
+    weights_bytes: int = Field(0, ge=0, description="Constant data (weights) it holds")
+
+
+class Verification(_Frozen):
+    """How the chained segments compared with the whole model when the split was made."""
+
+    inputs: int = Field(ge=1, description="Inputs run through both")
+    exact: bool = Field(description="Every output bitwise equal")
+    max_abs_diff: float = Field(ge=0)
+    tolerance: float = Field(ge=0, description="Largest difference accepted (0: bitwise)")
+
+
+class Pipeline(_Frozen):
+    """A model split into segments that run one after another, possibly on different nodes.
+
+    Written by `mqinfer split` as ``{stem}.pipeline.json`` beside the segment files."""
+
+    name: str
+    model: str = Field(description="File name of the whole model")
+    sha256: str = Field(description="sha256 of the whole model")
+    format: Format
+    segments: list[Segment] = Field(min_length=2)
+    verification: Verification
+    profile_threads: int = Field(1, ge=1, description="Runtime threads when latency was measured")

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.manifest import Manifest
+from protocol.manifest import Manifest, Pipeline
 
 PROTOCOL_VERSION = 1
 
@@ -107,8 +107,32 @@ class Heartbeat(Wire):
     inflight: int = Field(0, ge=0, description="Requests queued or being worked on")
     services: dict[str, str] = Field(
         default_factory=dict,
-        description="Services this session runs: name -> 'loading' | 'ready' | 'failed'",
+        description="Services this session runs: slot -> 'loading' | 'ready' | 'failed'; "
+        "a slot is the service name, or 'name:k' for stage k of a pipeline",
     )
+    stats: dict[str, ReplicaStats] = Field(
+        default_factory=dict, description="What each slot's model costs here, measured"
+    )
+
+
+class ReplicaStats(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    served: int = Field(0, ge=0, description="Requests answered (or passed on) since deploy")
+    inference_ms: float | None = Field(
+        None, description="Model run time: warm-up at deploy, then a running mean of traffic"
+    )
+    queue_ms: float | None = Field(None, description="Running mean of time spent queued")
+
+
+def slot(service: str, stage: int | None) -> str:
+    """What a node runs: a service, or stage k of a pipeline service ('name:k')."""
+    return service if stage is None else f"{service}:{stage}"
+
+
+def parse_slot(value: str) -> tuple[str, int | None]:
+    name, sep, stage = value.partition(":")
+    return (name, int(stage)) if sep and stage.isdigit() else (name, None)
 
 
 class CoordinatorState(Wire):
@@ -178,10 +202,27 @@ class ServiceSpec(Wire):
     queue: int = Field(32, ge=1, le=100_000, description="Queued requests per replica")
     manifest: Manifest | None = Field(None, description="Inputs, preprocessing and labels")
     revision: str = Field("", description="Set by each deploy; echoed in the status")
+    pipeline: Pipeline | None = Field(
+        None,
+        description="A split model: each segment is a stage placed on its own node, chained "
+        "through services/{service}/stage/{k}; `artifact` is then the whole model's sha256",
+    )
+
+    @property
+    def stages(self) -> int:
+        """0 for a whole-model service, else the number of pipeline stages."""
+        return len(self.pipeline.segments) if self.pipeline else 0
+
+    def for_stage(self, stage: int | None) -> ServiceSpec:
+        """The spec as one stage sees it: that segment's artifact, size and file name."""
+        if stage is None or self.pipeline is None:
+            return self
+        seg = self.pipeline.segments[stage].manifest
+        return self.model_copy(update={"artifact": seg.sha256, "size": seg.size, "model": seg.file})
 
 
 # A replica takes a new spec in place (and keeps serving) unless one of these changed.
-RELOAD_FIELDS = ("artifact", "format", "workers", "threads", "queue")
+RELOAD_FIELDS = ("artifact", "format", "workers", "threads", "queue", "pipeline")
 
 
 def needs_reload(old: ServiceSpec, new: ServiceSpec) -> bool:
@@ -197,6 +238,7 @@ class ReplicaStatus(BaseModel):
     node: str
     state: ReplicaState
     reason: str | None = None
+    stage: int | None = Field(None, description="Pipeline stage it runs; None: the whole model")
 
 
 class ServiceStatus(Wire):
@@ -209,13 +251,21 @@ class ServiceStatus(Wire):
     state: Literal["deploying", "ready", "degraded", "failed", "removed"]
     reason: str | None = None
     replicas: list[ReplicaStatus] = Field(default_factory=list)
-    want: int = Field(0, ge=0, description="Replicas asked for")
+    want: int = Field(0, ge=0, description="Replicas asked for (per stage for a pipeline)")
+    stages: int = Field(0, ge=0, description="Pipeline stages; 0 for a whole-model service")
     artifact: str | None = None
     revision: str | None = Field(None, description="The spec revision this status is for")
     ts: float | None = None
 
-    def ready_nodes(self) -> list[str]:
-        return sorted(r.node for r in self.replicas if r.state == "ready")
+    def ready_nodes(self, stage: int | None = None) -> list[str]:
+        return sorted(r.node for r in self.replicas if r.state == "ready" and r.stage == stage)
+
+    def head_ready(self) -> list[str]:
+        """Ready replicas of what takes the requests: the whole model, or stage 0."""
+        return self.ready_nodes(0 if self.stages else None)
+
+    def listed_nodes(self, stage: int | None = None) -> list[str]:
+        return sorted({r.node for r in self.replicas if r.stage == stage})
 
 
 class Done(Wire):
@@ -223,6 +273,7 @@ class Done(Wire):
 
     node: str
     keys: list[str] = Field(description="Request keys answered (see topics.md)")
+    stage: int | None = Field(None, description="Pipeline stage of the sender, if any")
 
 
 # ---- artifacts ------------------------------------------------------------------

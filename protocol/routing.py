@@ -109,6 +109,16 @@ class Witness(Generic[T]):
         late = [n for n, e in self._entries.items() if e.deadline <= now]
         return [self._remove(n) for n in late]
 
+    def rehome(self, ready: Sequence[str], listed: Sequence[str]) -> None:
+        """Keep every entry, but give those whose owner is no longer listed a new owner
+        among the ready replicas (else the listed ones), or drop them when there is none."""
+        alive = set(listed)
+        for n, e in list(self._entries.items()):
+            if e.owner is not None and e.owner not in alive:
+                e.owner = owner(e.key, ready) or owner(e.key, listed)
+                if e.owner is None:
+                    self._remove(n)
+
     def reassign(self, ready: Sequence[str], listed: Sequence[str], me: str) -> list[Witnessed[T]]:
         """A new status: entries whose owner is no longer listed at all (its node was lost
         or given up on) get a new owner among the ready replicas, or, with none ready, among

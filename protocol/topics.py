@@ -16,6 +16,7 @@ DEFAULT_PREFIX = "mqinfer"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = re.compile(r"0|[1-9][0-9]{0,5}")
+_STAGE = re.compile(r"[1-9][0-9]?")
 
 
 class TopicError(ValueError):
@@ -33,6 +34,7 @@ class Kind(StrEnum):
     SERVICE_REQUEST = "service_request"
     SERVICE_RESULT = "service_result"
     SERVICE_DONE = "service_done"
+    SERVICE_STAGE = "service_stage"
     ARTIFACT_META = "artifact_meta"
     ARTIFACT_CHUNK = "artifact_chunk"
     COORDINATOR_STATE = "coordinator_state"
@@ -60,6 +62,7 @@ TABLE: tuple[TopicSpec, ...] = (
     TopicSpec(Kind.SERVICE_RESULT, "services/{service}/result", 1, False),
     TopicSpec(Kind.SERVICE_RESULT, "services/{service}/result/{request_id}", 1, False),
     TopicSpec(Kind.SERVICE_DONE, "services/{service}/done", 1, False),
+    TopicSpec(Kind.SERVICE_STAGE, "services/{service}/stage/{stage}", 1, False),
     TopicSpec(Kind.ARTIFACT_META, "artifacts/{artifact}/meta", 1, True),
     TopicSpec(Kind.ARTIFACT_CHUNK, "artifacts/{artifact}/chunk/{chunk}", 1, True),
     TopicSpec(Kind.COORDINATOR_STATE, "coordinator/state", 1, True),
@@ -99,6 +102,7 @@ _FIELD_NAMES = {
     "request_id": "request id",
     "artifact": "artifact sha256",
     "chunk": "chunk index",
+    "stage": "stage",
 }
 
 
@@ -115,6 +119,9 @@ def _check_field(name: str, value: str) -> None:
     elif name == "chunk":
         if not _CHUNK.fullmatch(value):
             raise TopicError(f"invalid chunk index {value!r}: expected 0-999999")
+    elif name == "stage":
+        if not _STAGE.fullmatch(value):
+            raise TopicError(f"invalid stage {value!r}: expected 1-99 (stage 0 takes requests)")
     else:
         check_id(value, _FIELD_NAMES[name])
 
@@ -129,6 +136,7 @@ class Ref:
     request_id: str | None = None
     artifact: str | None = None
     chunk: str | None = None
+    stage: str | None = None
 
 
 class Topics:
@@ -178,6 +186,12 @@ class Topics:
 
     def service_done(self, service: str) -> str:
         return self._join("services", check_id(service, "service name"), "done")
+
+    def service_stage(self, service: str, stage: int) -> str:
+        """Input of pipeline stage `stage` (1..): the tensors stage-1 produced."""
+        if not 1 <= stage <= 99:
+            raise TopicError(f"invalid stage {stage}: expected 1-99 (stage 0 takes requests)")
+        return self._join("services", check_id(service, "service name"), "stage", str(stage))
 
     # artifacts
     def artifact_meta(self, sha256: str) -> str:

@@ -40,6 +40,7 @@ def test_build_and_parse_round_trip() -> None:
             Kind.SERVICE_RESULT, service="digits", request_id="r1"
         ),
         t.service_done("digits"): Ref(Kind.SERVICE_DONE, service="digits"),
+        t.service_stage("digits", 2): Ref(Kind.SERVICE_STAGE, service="digits", stage="2"),
         t.artifact_meta(SHA): Ref(Kind.ARTIFACT_META, artifact=SHA),
         t.artifact_chunk(SHA, 12): Ref(Kind.ARTIFACT_CHUNK, artifact=SHA, chunk="12"),
         t.coordinator_state(): Ref(Kind.COORDINATOR_STATE),

@@ -1,0 +1,142 @@
+"""The binary encoding of intermediate tensors on pipeline stage topics."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import orjson
+import pytest
+
+from protocol import tensors
+from protocol.errors import Code, ProtocolError
+from protocol.manifest import Quantization, TensorInfo
+
+
+def message(*arrays: np.ndarray) -> tensors.StageMessage:
+    infos = [
+        TensorInfo(
+            name=f"t{i}",
+            dtype=a.dtype.name,
+            shape=list(a.shape),
+            quantization=Quantization(scale=0.5, zero_point=-3) if a.dtype == np.int8 else None,
+        )
+        for i, a in enumerate(arrays)
+    ]
+    return tensors.StageMessage(
+        request_id="r1",
+        key="k" * 32,
+        reply="mqinfer/services/s/result/r1",
+        correlation=b"\x00\x01corr",
+        deadline_ms=1234.5,
+        tensors=list(zip(infos, arrays, strict=True)),
+        trace=[{"stage": 0, "node": "a", "inference_ms": 1.0}],
+    )
+
+
+def test_round_trip_keeps_every_tensor_bit_for_bit_and_the_route() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.integers(-128, 128, (1, 14, 14, 64), dtype=np.int8)
+    b = rng.standard_normal((1, 7, 7, 3)).astype(np.float32)
+    c = np.arange(5, dtype=np.int64)
+    msg = message(a, b, c)
+    payload = tensors.encode(msg)
+    got = tensors.decode(payload)
+    assert [x.tobytes() for _, x in got.tensors] == [a.tobytes(), b.tobytes(), c.tobytes()]
+    assert [x.shape for _, x in got.tensors] == [a.shape, b.shape, c.shape]
+    assert got.tensors[0][0].quantization == Quantization(scale=0.5, zero_point=-3)
+    assert (got.request_id, got.key, got.reply, got.correlation) == (
+        msg.request_id,
+        msg.key,
+        msg.reply,
+        msg.correlation,
+    )
+    assert got.deadline_ms == 1234.5
+    assert got.trace == msg.trace
+
+
+def test_tensor_bytes_are_raw_not_json() -> None:
+    a = np.zeros((1, 14, 14, 64), np.int8)
+    payload = tensors.encode(message(a))
+    (header_len,) = struct.unpack_from("<I", payload, 4)
+    assert len(payload) == 8 + header_len + a.nbytes
+    assert header_len < 600  # the route and one tensor's description
+
+
+def test_match_orders_tensors_by_name() -> None:
+    a, b = np.zeros((1, 2), np.float32), np.ones((1, 3), np.float32)
+    got = tensors.decode(tensors.encode(message(a, b))).tensors
+    want = [
+        TensorInfo(name="t1", dtype="float32", shape=[1, 3]),
+        TensorInfo(name="t0", dtype="float32", shape=[-1, 2]),
+    ]
+    x, y = tensors.match(got, want)
+    assert x.shape == (1, 3) and y.shape == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("want", "why"),
+    [
+        (TensorInfo(name="other", dtype="float32", shape=[1, 2]), "no tensor named 'other'"),
+        (TensorInfo(name="t0", dtype="int8", shape=[1, 2]), "expected int8 \\[1, 2\\]"),
+        (TensorInfo(name="t0", dtype="float32", shape=[1, 3]), "is float32 \\[1, 2\\]"),
+    ],
+)
+def test_match_refuses_a_tensor_the_segment_cannot_take(want: TensorInfo, why: str) -> None:
+    got = tensors.decode(tensors.encode(message(np.zeros((1, 2), np.float32)))).tensors
+    with pytest.raises(ProtocolError, match=why) as e:
+        tensors.match(got, [want])
+    assert e.value.code is Code.BAD_TENSOR
+
+
+def _header(payload: bytes) -> dict[str, object]:
+    (n,) = struct.unpack_from("<I", payload, 4)
+    value = orjson.loads(payload[8 : 8 + n])
+    assert isinstance(value, dict)
+    return value
+
+
+def _with_header(payload: bytes, header: dict[str, object]) -> bytes:
+    (n,) = struct.unpack_from("<I", payload, 4)
+    raw = orjson.dumps(header)
+    return payload[:4] + struct.pack("<I", len(raw)) + raw + payload[8 + n :]
+
+
+GOOD = tensors.encode(message(np.zeros((1, 4), np.float32)))
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (b"", "expected the magic bytes"),
+        (b"\x89PNG\r\n\x1a\n....", "expected the magic bytes"),
+        (GOOD[:-1], "needs 16 bytes; only 15 are left"),
+        (GOOD + b"x", "1 bytes follow the last tensor"),
+        (GOOD[:8] + b"x" + GOOD[9:], "header is not JSON"),
+        (b"MQT1" + struct.pack("<I", 10**6) + b"{}", "header length 1000000"),
+        (_with_header(GOOD, {**_header(GOOD), "tensors": []}), "'tensors' must be a non-empty"),
+        (
+            _with_header(GOOD, {**_header(GOOD), "deadline_ms": "soon"}),
+            "'deadline_ms' must be a number",
+        ),
+        (_with_header(GOOD, {**_header(GOOD), "reply": ""}), "'reply' must be a non-empty"),
+        (
+            _with_header(
+                GOOD,
+                {**_header(GOOD), "tensors": [{"name": "t0", "dtype": "object", "shape": [1, 4]}]},
+            ),
+            "dtype 'object' is not one of",
+        ),
+        (
+            _with_header(
+                GOOD,
+                {**_header(GOOD), "tensors": [{"name": "t0", "dtype": "float32", "shape": [-1]}]},
+            ),
+            "shape must be a list of up to 8 sizes",
+        ),
+    ],
+)
+def test_malformed_messages_are_refused_with_what_was_wrong(payload: bytes, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why) as e:
+        tensors.decode(payload)
+    assert e.value.code is Code.BAD_TENSOR

@@ -131,7 +131,7 @@ class CoordinatorAgent:
         rec = self.registry.services.get(ref.service)
         status = rec.status if rec else None
         conn = self._conn
-        if conn is None or rec is None or rec.spec is None or (status and status.ready_nodes()):
+        if conn is None or rec is None or rec.spec is None or (status and status.head_ready()):
             return
         key = request_key(
             message.topic, message.payload, message.correlation_data, message.response_topic
@@ -187,7 +187,7 @@ class CoordinatorAgent:
             wanted = {
                 name
                 for name, rec in self.registry.services.items()
-                if rec.spec is not None and not (rec.status and rec.status.ready_nodes())
+                if rec.spec is not None and not (rec.status and rec.status.head_ready())
             }
         # Subscribed before a status without ready replicas goes out: a request the replicas
         # stop taking from then on is one the coordinator sees ([T-SERVE-4]).
@@ -197,7 +197,7 @@ class CoordinatorAgent:
             if isinstance(a, PublishStatus)
             and a.status is not None
             and a.status.state != "removed"
-            and not a.status.ready_nodes()
+            and not a.status.head_ready()
         }
         self._follow_unavailable(conn, wanted)
         # Statuses before commands: a replica that a command takes out of service (a new

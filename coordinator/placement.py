@@ -69,9 +69,11 @@ def place(
     nodes: dict[str, NodeRecord],
     count: int,
     exclude: dict[str, str],
+    avoid: set[str] | frozenset[str] = frozenset(),
 ) -> Placement:
     """Choose up to `count` nodes for new replicas, never one in `exclude` (node -> why:
-    it already has a replica, or failed to deploy this spec)."""
+    it already has a replica, or failed to deploy this spec), and one in `avoid` (it runs
+    another stage of the same pipeline) only when no other node can."""
     refused: dict[str, str] = {}
     ranked: list[tuple[float, str]] = []
     for node_id in sorted(nodes):
@@ -84,5 +86,5 @@ def place(
             ranked.append((score(spec, rec), node_id))
         else:
             refused[node_id] = reason
-    ranked.sort(key=lambda pair: (-pair[0], pair[1]))
+    ranked.sort(key=lambda pair: (pair[1] in avoid, -pair[0], pair[1]))
     return Placement([node for _, node in ranked[:count]], refused)

@@ -41,13 +41,16 @@ class Replica:
 
 @dataclass
 class Service:
-    name: str
-    spec: m.ServiceSpec | None = None
+    """One slot of a service: the whole model, or one stage of a pipeline ('name:k')."""
+
+    name: str  # the slot
+    service: str = ""  # the service's name
+    stage: int | None = None
+    spec: m.ServiceSpec | None = None  # the whole spec (a stage deploys its segment)
     replicas: dict[str, Replica] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # node -> why deploy failed there
-    restored: m.ServiceStatus | None = None  # retained status, before adoption
-    published: dict[str, Any] | None = None
     removing: dict[str, Replica] = field(default_factory=dict)  # undeploys in flight
+    adopted: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,31 +70,40 @@ Action = SendCommand | PublishStatus
 
 class Provisioner:
     def __init__(self, grace: float = 1.0) -> None:
-        self.services: dict[str, Service] = {}
+        self.services: dict[str, Service] = {}  # by slot
+        self.published: dict[str, dict[str, Any]] = {}  # service -> its last status
+        self.restored: dict[str, m.ServiceStatus] = {}  # retained statuses, before adoption
         self._by_cmd: dict[str, tuple[str, str]] = {}  # cmd id -> (service, node)
         self._stray: dict[tuple[str, str, int], float] = {}  # (node, service, session) -> sent
         self._start: float | None = None
         self.grace = grace  # seconds to read retained state before acting
 
-    def _service(self, name: str) -> Service:
-        svc = self.services.get(name)
-        if svc is None:
-            svc = self.services[name] = Service(name)
-        return svc
+    def _slots(self, name: str) -> list[Service]:
+        return [svc for svc in self.services.values() if svc.service == name]
 
     # ---- input --------------------------------------------------------------------------
 
     def on_spec(self, name: str, spec: m.ServiceSpec | None) -> None:
-        svc = self._service(name)
-        if spec is not None and svc.spec is not None and spec != svc.spec:
-            svc.failed.clear()  # a new spec gets a new chance everywhere
-        svc.spec = spec
+        """A spec (None: removed). A pipeline spec has one slot per stage ([T-PIPE-1])."""
+        wanted: list[int | None] = []
+        if spec is not None:
+            wanted = list(range(spec.stages)) if spec.stages else [None]
+        for old in self._slots(name):
+            if old.stage not in wanted:
+                old.spec = None  # torn down by the next step
+        for stage in wanted:
+            key = m.slot(name, stage)
+            svc = self.services.get(key) or Service(key, name, stage)
+            self.services[key] = svc
+            if spec is not None and svc.spec is not None and spec != svc.spec:
+                svc.failed.clear()  # a new spec gets a new chance everywhere
+            svc.spec = spec
 
     def on_status(self, name: str, status: m.ServiceStatus | None) -> None:
         """A retained status read back: adopted once, if nothing is known of the service."""
-        svc = self._service(name)
-        if status is not None and not svc.replicas and svc.published is None:
-            svc.restored = status
+        known = name in self.published or any(svc.replicas for svc in self._slots(name))
+        if status is not None and not known:
+            self.restored[name] = status
 
     def on_reply(self, reply: m.CommandReply, now: float) -> None:
         target = self._by_cmd.pop(reply.id or "", None)
@@ -125,9 +137,44 @@ class Provisioner:
         if now - self._start < self.grace:
             return []
         actions: list[Action] = []
-        for name in list(self.services):
-            actions += self._step_service(self.services[name], registry, now)
+        statuses: dict[str, list[m.ServiceStatus]] = {}
+        for key in list(self.services):
+            svc = self.services[key]
+            done, status = self._step_service(svc, registry, now)
+            actions += done
+            if status is not None:
+                statuses.setdefault(svc.service, []).append(status)
+        names = {svc.service for svc in self.services.values()}
+        for name in sorted(names | set(self.published) | set(self.restored)):
+            actions += self._publish(name, statuses.get(name), now)
         actions += self._reconcile(registry, now)
+        return actions
+
+    def _publish(
+        self, name: str, statuses: list[m.ServiceStatus] | None, now: float
+    ) -> list[Action]:
+        """One retained status per service, merged from its slots."""
+        actions: list[Action] = []
+        if statuses:
+            self.restored.pop(name, None)  # every slot has had its chance to adopt
+            status = _merge(statuses)
+            dumped = status.model_dump(exclude={"ts"})
+            if dumped != self.published.get(name):
+                self.published[name] = dumped
+                actions.append(PublishStatus(name, status))
+            return actions
+        restored = self.restored.pop(name, None)
+        if restored is not None and restored.state != "removed" and name not in self.published:
+            # undeployed while no coordinator ran: its retained status still says ready
+            self.published[name] = restored.model_dump(exclude={"ts"})
+        published = self.published.get(name)
+        if published is not None and published.get("state") != "removed":
+            removed = m.ServiceStatus(name=name, state="removed", ts=time.time())
+            self.published[name] = removed.model_dump(exclude={"ts"})
+            actions.append(PublishStatus(name, removed))
+        if not self._slots(name) and name in self.published:
+            actions.append(PublishStatus(name, None))
+            del self.published[name]
         return actions
 
     def _command(self, svc: Service, node: str, op: str, args: dict[str, Any]) -> m.Command:
@@ -141,7 +188,10 @@ class Provisioner:
         assert svc.spec is not None
         rec = registry.nodes.get(rep.node)
         spec = svc.spec.model_dump(mode="json", exclude_none=True)
-        cmd = self._command(svc, rep.node, "deploy", {"spec": spec})
+        args: dict[str, Any] = {"spec": spec}
+        if svc.stage is not None:
+            args["stage"] = svc.stage
+        cmd = self._command(svc, rep.node, "deploy", args)
         rep.state = "ready" if in_place else "deploying"
         rep.cmd_id, rep.sent, rep.spec = cmd.id, now, svc.spec
         rep.session = rec.session if rec else None
@@ -149,25 +199,32 @@ class Provisioner:
         return SendCommand(rep.node, cmd)
 
     def _undeploy(self, svc: Service, rep: Replica, now: float) -> Action:
-        cmd = self._command(svc, rep.node, "undeploy", {"service": svc.name})
+        cmd = self._command(svc, rep.node, "undeploy", _undeploy_args(svc.name))
         rep.state, rep.cmd_id, rep.sent = "removing", cmd.id, now
         svc.removing[rep.node] = rep
         return SendCommand(rep.node, cmd)
 
     def _adopt(self, svc: Service, registry: Registry) -> None:
         """Take over the placement a previous coordinator published."""
-        status, svc.restored = svc.restored, None
+        svc.adopted = True
+        status = self.restored.get(svc.service)
         if status is None or svc.spec is None or status.artifact != svc.spec.artifact:
+            return
+        if status.stages != svc.spec.stages:
             return
         for r in status.replicas:
             rec = registry.nodes.get(r.node)
+            if r.stage != svc.stage:
+                continue
             if r.state == "ready" and rec is not None and rec.state == "online":
                 svc.replicas[r.node] = Replica(
                     r.node, "ready", rec.session, svc.spec, ready_wall=time.time()
                 )
         log.info("service %s: adopted replicas on %s", svc.name, sorted(svc.replicas))
 
-    def _step_service(self, svc: Service, registry: Registry, now: float) -> list[Action]:
+    def _step_service(
+        self, svc: Service, registry: Registry, now: float
+    ) -> tuple[list[Action], m.ServiceStatus | None]:
         actions: list[Action] = []
         for node, rep in list(svc.removing.items()):
             rec = registry.nodes.get(node)
@@ -180,19 +237,10 @@ class Provisioner:
                 if rec is not None and rec.state == "online":
                     actions.append(self._undeploy(svc, rep, now))
             svc.replicas.clear()
-            if svc.restored is not None and svc.restored.state != "removed":
-                # undeployed while no coordinator ran: its retained status still says ready
-                svc.published, svc.restored = svc.restored.model_dump(exclude={"ts"}), None
-            if svc.published is not None and svc.published.get("state") != "removed":
-                removed = m.ServiceStatus(name=svc.name, state="removed", ts=time.time())
-                svc.published = removed.model_dump(exclude={"ts"})
-                actions.append(PublishStatus(svc.name, removed))
             if not svc.removing:
-                if svc.published is not None:
-                    actions.append(PublishStatus(svc.name, None))
                 del self.services[svc.name]
-            return actions
-        if svc.restored is not None:
+            return actions, None
+        if not svc.adopted:
             self._adopt(svc, registry)
 
         for node, rep in list(svc.replicas.items()):
@@ -227,7 +275,15 @@ class Provisioner:
         if len(active) < spec.replicas:
             exclude = {n: "has a replica" for n in svc.replicas}
             exclude.update({n: f"failed: {why}" for n, why in svc.failed.items()})
-            found = placement.place(spec, registry.nodes, spec.replicas - len(active), exclude)
+            # Stages of one pipeline go to different nodes where they can, to run in parallel.
+            avoid = {n for s in self._slots(svc.service) if s is not svc for n in s.replicas}
+            found = placement.place(
+                spec.for_stage(svc.stage),
+                registry.nodes,
+                spec.replicas - len(active),
+                exclude,
+                avoid,
+            )
             for node in found.chosen:
                 rep = svc.replicas[node] = Replica(node, "deploying")
                 actions.append(self._deploy(svc, rep, registry, now))
@@ -240,12 +296,7 @@ class Provisioner:
                 del svc.replicas[rep.node]
                 actions.append(self._undeploy(svc, rep, now))
 
-        status = _status(svc, spec, refused)
-        dumped = status.model_dump(exclude={"ts"})
-        if dumped != svc.published:
-            svc.published = dumped
-            actions.append(PublishStatus(svc.name, status))
-        return actions
+        return actions, _status(svc, spec, refused)
 
     def _reconcile(self, registry: Registry, now: float) -> list[Action]:
         """[T-COORD-5] a node that runs a service it was not given is told to stop."""
@@ -258,14 +309,14 @@ class Provisioner:
                 svc = self.services.get(name)
                 if svc is not None and (rec.id in svc.replicas or rec.id in svc.removing):
                     continue
-                if svc is not None and svc.restored is not None:
+                if svc is not None and not svc.adopted:
                     continue  # not adopted yet
                 key = (rec.id, name, beat.session)
                 if now - self._stray.get(key, -1e9) < RECONCILE_EVERY:
                     continue
                 self._stray[key] = now
                 log.info("node %s runs %s, which it was not given; undeploying", rec.id, name)
-                cmd = m.Command(id=uuid.uuid4().hex, op="undeploy", args={"service": name})
+                cmd = m.Command(id=uuid.uuid4().hex, op="undeploy", args=_undeploy_args(name))
                 actions.append(SendCommand(rec.id, cmd))
         return actions
 
@@ -281,13 +332,45 @@ def _still_serving(rep: Replica, rec: NodeRecord, name: str) -> bool:
     return name in beat.services
 
 
+def _undeploy_args(slot: str) -> dict[str, Any]:
+    name, stage = m.parse_slot(slot)
+    return {"service": name} if stage is None else {"service": name, "stage": stage}
+
+
+def _merge(statuses: list[m.ServiceStatus]) -> m.ServiceStatus:
+    """A pipeline's status from its stages': it serves only when every stage does."""
+    if len(statuses) == 1 and not statuses[0].stages:
+        return statuses[0]
+    statuses = sorted(statuses, key=lambda s: s.replicas[0].stage or 0 if s.replicas else 0)
+    first = statuses[0]
+    states = [s.state for s in statuses]
+    if "failed" in states:
+        state = "failed"
+    elif any(s.state == "deploying" for s in statuses):
+        state = "deploying"
+    elif "degraded" in states:
+        state = "degraded"
+    else:
+        state = "ready"
+    reasons = [f"{s.name}: {s.reason}" for s in statuses if s.reason]
+    return first.model_copy(
+        update={
+            "name": first.name.partition(":")[0],
+            "state": state,
+            "reason": "; ".join(reasons) or None,
+            "replicas": [r for s in statuses for r in s.replicas],
+        }
+    )
+
+
 def _status(svc: Service, spec: m.ServiceSpec, refused: dict[str, str]) -> m.ServiceStatus:
+    stage = svc.stage
     replicas = [
-        m.ReplicaStatus(node=r.node, state=r.state, reason=r.reason)
+        m.ReplicaStatus(node=r.node, state=r.state, reason=r.reason, stage=stage)
         for r in sorted(svc.replicas.values(), key=lambda r: r.node)
     ]
     replicas += [
-        m.ReplicaStatus(node=node, state="failed", reason=why)
+        m.ReplicaStatus(node=node, state="failed", reason=why, stage=stage)
         for node, why in sorted(svc.failed.items())
         if node not in svc.replicas
     ]
@@ -308,11 +391,12 @@ def _status(svc: Service, spec: m.ServiceSpec, refused: dict[str, str]) -> m.Ser
             "" if deploying else f"; {_why(want - ready, svc.failed, refused)}"
         )
     return m.ServiceStatus(
-        name=svc.name,
+        name=svc.name,  # the slot: _merge names the service
         state=state,
         reason=reason,
         replicas=replicas,
         want=want,
+        stages=spec.stages,
         artifact=spec.artifact,
         revision=spec.revision,
         ts=time.time(),

@@ -443,3 +443,153 @@ def test_no_node_runs_the_format_fails_with_each_nodes_reason() -> None:
         "no node can take 2 more replica(s): n1: cannot run onnx (runs tflite); "
         "n2: cannot run onnx (runs tflite); n3: offline"
     )
+
+
+# ---- pipelines --------------------------------------------------------------------------
+
+
+def pipeline_spec(stages: int = 2, **kw: object) -> m.ServiceSpec:
+    from protocol.manifest import Manifest, Pipeline, Segment, TensorInfo, Verification
+
+    tensor = TensorInfo(name="x", dtype="int8", shape=[1, 4])
+    segments = [
+        Segment(
+            manifest=Manifest(
+                name=f"digits.seg{k}",
+                format="tflite",
+                file=f"digits.seg{k}.tflite",
+                sha256=f"{k:02x}" * 32,
+                size=10_000 * (k + 1),
+                inputs=[tensor],
+                outputs=[tensor],
+            ),
+            ops=(k, k + 1),
+        )
+        for k in range(stages)
+    ]
+    pipeline = Pipeline(
+        name="digits",
+        model="digits_int8.tflite",
+        sha256=SHA,
+        format="tflite",
+        segments=segments,
+        verification=Verification(inputs=8, exact=True, max_abs_diff=0.0, tolerance=0.0),
+    )
+    return spec(replicas=1, pipeline=pipeline, **kw)
+
+
+def test_a_pipeline_places_each_stage_on_its_own_node_with_its_segment() -> None:
+    reg = registry("n1", "n2", "n3")
+    s = pipeline_spec(3)
+    p, actions = started(reg, s)
+    cmds = sends(actions, "deploy")
+    assert sorted(c.command.args["stage"] for c in cmds) == [0, 1, 2]
+    assert len({c.node for c in cmds}) == 3  # stages run in parallel on different nodes
+    status = last_status(actions)
+    assert (status.name, status.state, status.stages, status.want) == (NAME, "deploying", 3, 1)
+    assert {(r.stage, r.state) for r in status.replicas} == {
+        (0, "deploying"),
+        (1, "deploying"),
+        (2, "deploying"),
+    }
+    for cmd in cmds[:2]:
+        p.on_reply(reply(cmd), 1.2)
+    assert last_status(p.step(reg, 1.3)).state == "deploying"  # stage 2 cannot serve yet
+    p.on_reply(reply(cmds[2]), 1.4)
+    status = last_status(p.step(reg, 1.5))
+    assert status.state == "ready"
+    by_stage = {c.command.args["stage"]: c.node for c in cmds}
+    assert status.ready_nodes(0) == [by_stage[0]]
+    assert status.head_ready() == [by_stage[0]]
+    assert status.ready_nodes() == []  # no replica runs the whole model
+
+
+def test_stages_share_a_node_only_when_there_is_no_other() -> None:
+    reg = registry("n1")
+    _, actions = started(reg, pipeline_spec(2))
+    assert sorted((c.node, c.command.args["stage"]) for c in sends(actions, "deploy")) == [
+        ("n1", 0),
+        ("n1", 1),
+    ]
+
+
+def test_a_lost_stage_node_is_replaced_and_the_pipeline_waits_for_it() -> None:
+    reg = registry("n1", "n2", "n3")
+    p, actions = started(reg, pipeline_spec(2))
+    cmds = sends(actions, "deploy")
+    for cmd in cmds:
+        p.on_reply(reply(cmd), 1.2)
+    assert last_status(p.step(reg, 1.3)).state == "ready"
+    stage1 = next(c.node for c in cmds if c.command.args["stage"] == 1)
+    reg.nodes[stage1].state = "lost"
+    actions = p.step(reg, 2.0)
+    [again] = sends(actions, "deploy")
+    assert again.command.args["stage"] == 1
+    assert again.node not in {c.node for c in cmds}
+    status = last_status(actions)
+    assert status.state == "deploying"
+    assert status.ready_nodes(1) == []
+    p.on_reply(reply(again), 2.5)
+    assert last_status(p.step(reg, 3.0)).ready_nodes(1) == [again.node]
+
+
+def test_undeploying_a_pipeline_stops_every_stage_then_clears_the_status() -> None:
+    reg = registry("n1", "n2")
+    p, actions = started(reg, pipeline_spec(2))
+    cmds = sends(actions, "deploy")
+    for cmd in cmds:
+        p.on_reply(reply(cmd), 1.2)
+    p.step(reg, 1.3)
+    p.on_spec(NAME, None)
+    actions = p.step(reg, 2.0)
+    undeploys = sends(actions, "undeploy")
+    assert sorted((c.node, c.command.args["stage"]) for c in undeploys) == sorted(
+        (c.node, c.command.args["stage"]) for c in cmds
+    )
+    assert last_status(actions).state == "removed"
+    for cmd in undeploys:
+        p.on_reply(reply(cmd), 2.1)
+    assert statuses(p.step(reg, 2.2)) == [None]
+    assert p.services == {}
+
+
+def test_a_whole_model_redeployed_as_a_pipeline_swaps_the_replicas() -> None:
+    reg = registry("n1", "n2")
+    p, cmds = deployed(reg, spec())
+    p.on_spec(NAME, pipeline_spec(2, revision="r2"))
+    actions = p.step(reg, 3.0)
+    assert sorted((c.node, c.command.args) for c in sends(actions, "undeploy")) == [
+        ("n1", {"service": NAME}),
+        ("n2", {"service": NAME}),
+    ]
+    deploys = sends(actions, "deploy")
+    assert sorted(c.command.args["stage"] for c in deploys) == [0, 1]
+    assert last_status(actions).stages == 2
+
+
+def test_a_stray_stage_on_a_node_is_undeployed_by_its_slot() -> None:
+    reg = registry("n1")
+    reg.nodes["n1"].heartbeat = beat("n1", 1, ("old:1",))
+    _, actions = started(reg)
+    [cmd] = sends(actions, "undeploy")
+    assert cmd.command.args == {"service": "old", "stage": 1}
+
+
+def test_a_restarted_coordinator_adopts_a_pipeline_without_redeploying() -> None:
+    reg = registry("n1", "n2")
+    s = pipeline_spec(2)
+    p, actions = started(reg, s)
+    for cmd in sends(actions, "deploy"):
+        p.on_reply(reply(cmd), 1.2)
+    published = last_status(p.step(reg, 1.3))
+    for node, stage in (("n1", 0), ("n2", 1)):
+        reg.nodes[node].heartbeat = beat(node, 1, (f"{NAME}:{stage}",))
+
+    fresh = Provisioner(grace=1.0)
+    fresh.on_spec(NAME, s)
+    fresh.on_status(NAME, published)
+    assert fresh.step(reg, 10.0) == []
+    actions = fresh.step(reg, 11.0)
+    assert sends(actions) == []  # adopted: no deploy, and the strays check passes
+    again = last_status(actions)
+    assert again.model_dump(exclude={"ts"}) == published.model_dump(exclude={"ts"})

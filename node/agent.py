@@ -57,7 +57,7 @@ class NodeAgent:
         self.store = ArtifactStore(cache_dir or default_cache_dir(node_id), topics)
         self.max_request_bytes = max_request_bytes
         self.fetch_timeout = fetch_timeout
-        self.replicas: dict[str, Replica] = {}
+        self.replicas: dict[str, Replica] = {}  # by slot: 'name', or 'name:k' for a stage
         self.provision_lock = threading.Lock()  # one deploy/undeploy at a time
         self.commands = CommandHandler(self)
 
@@ -110,7 +110,8 @@ class NodeAgent:
             load=sysinfo.load_average(),
             memory_available_mb=available,
             inflight=sum(r.inflight for r in list(self.replicas.values())),
-            services={name: r.state for name, r in list(self.replicas.items())},
+            services={slot: r.state for slot, r in list(self.replicas.items())},
+            stats={slot: r.stats() for slot, r in list(self.replicas.items())},
         )
         self._seq += 1
         conn.publish(
@@ -167,11 +168,15 @@ class NodeAgent:
             return
         kind = ref.kind
         if kind is Kind.SERVICE_REQUEST:
-            replica = self.replicas.get(ref.service or "")
+            replica = self._head(ref.service or "")
             if replica is not None:
                 replica.on_request(ref, message)
+        elif kind is Kind.SERVICE_STAGE:
+            replica = self.replicas.get(f"{ref.service}:{ref.stage}")
+            if replica is not None:
+                replica.on_stage(ref, message)
         elif kind is Kind.SERVICE_RESULT:
-            replica = self.replicas.get(ref.service or "")
+            replica = self._head(ref.service or "")
             if replica is not None:
                 replica.on_result(ref, message)
         elif kind is Kind.SERVICE_DONE or kind is Kind.SERVICE_STATUS:
@@ -183,22 +188,31 @@ class NodeAgent:
         elif kind is Kind.NODE_STATE:
             self._check_own_state(conn, message)
 
+    def _head(self, service: str) -> Replica | None:
+        """The replica that takes the service's requests: the whole model or stage 0."""
+        return self.replicas.get(service) or self.replicas.get(m.slot(service, 0))
+
+    def replicas_of(self, service: str) -> list[Replica]:
+        return [r for r in list(self.replicas.values()) if r.name == service]
+
     def _service_message(self, ref: Ref, message: Message) -> None:
-        replica = self.replicas.get(ref.service or "")
-        if replica is None:
+        replicas = self.replicas_of(ref.service or "")
+        if not replicas:
             return
         if not message.payload:  # the status was cleared: the service is gone
-            replica.on_status(m.ServiceStatus(name=replica.name, state="removed"))
+            for replica in replicas:
+                replica.on_status(m.ServiceStatus(name=replica.name, state="removed"))
             return
         try:
             msg = codec.decode_for(ref, message.payload)
         except ProtocolError as e:
             log.warning("%s: ignoring message on %s: %s", self.name, message.topic, e)
             return
-        if isinstance(msg, m.ServiceStatus):
-            replica.on_status(msg)
-        elif isinstance(msg, m.Done):
-            replica.on_done(msg)
+        for replica in replicas:
+            if isinstance(msg, m.ServiceStatus):
+                replica.on_status(msg)
+            elif isinstance(msg, m.Done) and replica.head:
+                replica.on_done(msg)
 
     def _check_own_state(self, conn: Connection, message: Message) -> None:
         """Re-assert 'online' when a stale Will (or a wrong 'lost') overwrote our state."""

@@ -38,19 +38,22 @@ def _announce(agent: NodeAgent, conn: Connection, _cmd: m.Command) -> dict[str, 
 def _deploy(agent: NodeAgent, conn: Connection, cmd: m.Command) -> dict[str, Any]:
     """Fetch the artifact, load and warm the model, subscribe, then answer 'ready'."""
     spec = _spec(cmd)
+    stage = _stage(cmd, spec)
+    slot = m.slot(spec.name, stage)
+    ours = spec.for_stage(stage)
     with agent.provision_lock:
-        current = agent.replicas.get(spec.name)
+        current = agent.replicas.get(slot)
         if current is not None and current.update(spec):
-            return {"service": spec.name, "state": "ready", "already": True}
+            return {"service": spec.name, "stage": stage, "state": "ready", "already": True}
         if current is not None:
-            _remove(agent, conn, spec.name)
+            _remove(agent, conn, slot)
         backend = agent.backends.get(spec.format)
         if backend is None:
             raise ProtocolError(
                 Code.UNSUPPORTED_FORMAT,
-                f"{spec.model} is {spec.format!r}; this node runs {sorted(agent.backends)}",
+                f"{ours.model} is {spec.format!r}; this node runs {sorted(agent.backends)}",
             )
-        path = agent.store.get(conn, spec.artifact, spec.format, agent.fetch_timeout)
+        path = agent.store.get(conn, ours.artifact, spec.format, agent.fetch_timeout)
         replica = Replica(
             node_id=agent.node_id,
             spec=spec,
@@ -59,38 +62,63 @@ def _deploy(agent: NodeAgent, conn: Connection, cmd: m.Command) -> dict[str, Any
             topics=agent.topics,
             send=agent.send,
             max_request_bytes=agent.max_request_bytes,
+            stage=stage,
         )
         detail = replica.load()
-        agent.replicas[spec.name] = replica
+        agent.replicas[slot] = replica
         # Subscribed before the reply: once the coordinator lists us as ready, we see every
         # request the other replicas see ([T-SERVE-1]).
         conn.subscribe([(f, 1) for f in replica.filters()])
         replica.start()
     agent.announce(conn)  # the cache changed
-    log.info("%s: serving %s (%s)", agent.name, spec.name, spec.model)
-    return {"service": spec.name, "state": "ready", **detail}
+    log.info("%s: serving %s (%s)", agent.name, slot, ours.model)
+    return {"service": spec.name, "stage": stage, "state": "ready", **detail}
 
 
 def _undeploy(agent: NodeAgent, conn: Connection, cmd: m.Command) -> dict[str, Any]:
+    """args.service, and args.stage for one stage of a pipeline (else all of the service)."""
     name = cmd.args.get("service")
     if not isinstance(name, str):
         raise ProtocolError(Code.BAD_MESSAGE, "undeploy needs args.service (a service name)")
+    stage = cmd.args.get("stage")
+    if stage is not None and (not isinstance(stage, int) or isinstance(stage, bool)):
+        raise ProtocolError(Code.BAD_MESSAGE, f"undeploy args.stage must be an int, not {stage!r}")
     with agent.provision_lock:
-        removed = _remove(agent, conn, name)
-    return {"service": name, "removed": removed}
+        if stage is None:
+            slots = [s for s, r in agent.replicas.items() if r.name == name]
+        else:
+            slots = [m.slot(name, stage)]
+        removed = [s for s in slots if _remove(agent, conn, s)]
+    return {"service": name, "stage": stage, "removed": bool(removed), "slots": removed}
 
 
 def _remove(agent: NodeAgent, conn: Connection, name: str) -> bool:
     replica = agent.replicas.pop(name, None)
     if replica is None:
         return False
+    # Another stage of the same pipeline on this node may share a filter (the status).
+    still = {f for r in list(agent.replicas.values()) for f in r.filters()}
     try:
-        conn.unsubscribe(replica.filters())
+        gone = [f for f in replica.filters() if f not in still]
+        if gone:
+            conn.unsubscribe(gone)
     except MQTTError as e:
         log.debug("unsubscribe %s: %s", name, e)
     replica.stop()
     log.info("%s: stopped serving %s", agent.name, name)
     return True
+
+
+def _stage(cmd: m.Command, spec: m.ServiceSpec) -> int | None:
+    stage = cmd.args.get("stage")
+    if stage is None and not spec.stages:
+        return None
+    if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage < spec.stages:
+        want = f"0-{spec.stages - 1}" if spec.stages else "none (not a pipeline)"
+        raise ProtocolError(
+            Code.BAD_MESSAGE, f"deploy args.stage is {stage!r}; {spec.name} takes {want}"
+        )
+    return stage
 
 
 def _spec(cmd: m.Command) -> m.ServiceSpec:

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from mqinfer.client import Message, Outgoing
 from node.runtimes import Backend, Model, RuntimeFailure, warm_up
-from protocol import codec, replies
+from protocol import codec, replies, tensors
 from protocol import messages as m
 from protocol.errors import Code, ProtocolError
-from protocol.manifest import Manifest
+from protocol.manifest import Manifest, TensorInfo
 from protocol.payload import decode_request, encode_outputs, result_json, top_k
 from protocol.routing import Witness, Witnessed, owner, request_key
 from protocol.topics import Ref, Topics
@@ -38,6 +39,18 @@ Send = Callable[[list[Outgoing]], None]
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 ORPHAN_SETTLE = 0.3  # seconds a lost owner's requests wait for its late done notices
 MAX_WITNESSED_IDS = 8192
+STATS_WEIGHT = 0.1  # weight of the newest run in the running means of the replica's costs
+
+
+@dataclass
+class Route:
+    """Where the answer to a request goes and what the done notice names."""
+
+    request_id: str
+    key: str  # the request's key at the head stage (the only stage for a whole model)
+    reply: str
+    correlation: bytes | None
+    trace: list[dict[str, Any]]
 
 
 @dataclass
@@ -47,6 +60,7 @@ class Job:
     key: str
     received: float  # monotonic
     deadline: float  # monotonic
+    stage_msg: tensors.StageMessage | None = None  # the decoded input of a later stage
 
 
 class Replica:
@@ -62,10 +76,16 @@ class Replica:
         topics: Topics,
         send: Send,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        stage: int | None = None,
     ) -> None:
         self.node_id = node_id
         self.spec = spec
         self.name = spec.name
+        self.stage = stage  # None: the whole model; else this pipeline stage
+        self.slot = m.slot(spec.name, stage)
+        self.stages = spec.stages
+        self.head = stage is None or stage == 0
+        self.last = stage is None or stage == spec.stages - 1
         self.path = path
         self.backend = backend
         self.topics = topics
@@ -75,7 +95,11 @@ class Replica:
         self.state = "loading"
         self.ready: list[str] = []  # ready replicas per the last status the broker delivered
         self.listed: list[str] = []  # every replica that status lists, in any state
+        self.missing: list[int] = []  # pipeline stages with no ready replica, per that status
         self.served = 0
+        self.inference_ms: float | None = None  # running means, reported in heartbeats
+        self.queue_ms: float | None = None
+        self._outputs: list[int] = []  # model output i goes out as the pipeline's output
         self._models: list[Model] = []
         self._threads: list[threading.Thread] = []
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=spec.queue)
@@ -96,12 +120,15 @@ class Replica:
             t1 = time.perf_counter()
             for model in self._models:
                 warm_up(model)
+            t2 = time.perf_counter()
+            warm_up(self._models[0])  # a second, warm run: the first cost estimate
+            self.inference_ms = (time.perf_counter() - t2) * 1000
+            first = self._models[0]
+            self._outputs = self._output_order(first.outputs)
         except RuntimeFailure as e:
             self.close()
             self.state = "failed"
             raise ProtocolError(Code.LOAD_FAILED, f"{self.spec.model}: {e}") from None
-        t2 = time.perf_counter()
-        first = self._models[0]
         return {
             "load_ms": round((t1 - t0) * 1000, 2),
             "warmup_ms": round((t2 - t1) * 1000, 2),
@@ -109,7 +136,27 @@ class Replica:
             "outputs": [t.model_dump(exclude_none=True) for t in first.outputs],
         }
 
+    def _output_order(self, outputs: list[TensorInfo]) -> list[int]:
+        """The last stage answers with the whole model's outputs in the whole model's order
+        (a segment may list them in another); other stages pass on all of theirs."""
+        if self.stage is None or not self.last or self.spec.pipeline is None:
+            return list(range(len(outputs)))
+        names = [t.name for t in outputs]
+        want = self.spec.pipeline.segments[self.stage].manifest.outputs
+        try:
+            return [names.index(t.name) for t in want]
+        except ValueError:
+            raise RuntimeFailure(
+                f"segment outputs {names} do not match the pipeline's {[t.name for t in want]}"
+            ) from None
+
     def filters(self) -> list[str]:
+        if not self.head:
+            assert self.stage is not None
+            return [
+                self.topics.service_stage(self.name, self.stage),
+                self.topics.service_status(self.name),
+            ]
         result = self.topics.service_result(self.name)
         return [
             *self.topics.service_requests(self.name),
@@ -153,6 +200,14 @@ class Replica:
     def inflight(self) -> int:
         return self._queue.qsize() + self._running
 
+    def stats(self) -> m.ReplicaStats:
+        def r(v: float | None) -> float | None:
+            return None if v is None else round(v, 3)
+
+        return m.ReplicaStats(
+            served=self.served, inference_ms=r(self.inference_ms), queue_ms=r(self.queue_ms)
+        )
+
     # ---- incoming (network thread) ----------------------------------------------------
 
     def on_request(self, ref: Ref, message: Message) -> None:
@@ -165,7 +220,7 @@ class Replica:
             mine = owner(key, self.ready)
             log.debug(
                 "%s: request %s on %s: owner %s of %s",
-                self.name,
+                self.slot,
                 key,
                 message.topic,
                 mine,
@@ -182,15 +237,44 @@ class Replica:
                 return
         self._enqueue(job)
 
-    def on_status(self, status: m.ServiceStatus) -> None:
-        ready = status.ready_nodes()
-        listed = sorted({r.node for r in status.replicas})
-        log.debug("%s: status %s, ready %s, listed %s", self.name, status.state, ready, listed)
+    def on_stage(self, ref: Ref, message: Message) -> None:
+        """[T-PIPE-3] tensors from the previous stage: the owner among this stage's ready
+        replicas runs them; the request's head stage answers 'timeout' if they are lost."""
+        now = time.monotonic()
+        key = request_key(message.topic, message.payload, None, None)
         with self._lock:
+            mine = owner(key, self.ready)
+        if mine not in (None, self.node_id):
+            return
+        try:
+            msg = tensors.decode(message.payload)
+        except ProtocolError as e:
+            # No route to the caller can be read: the error goes to the service's result
+            # topic, where whoever watches the service sees it.
+            log.warning("%s: rejected a message on %s: %s", self.slot, message.topic, e.message)
+            payload = self._error(key[:16], e.code, f"{message.topic}: {e.message}")
+            self.send([Outgoing(self.topics.service_result(self.name), payload, 1)])
+            return
+        job = Job(message, ref, key, now, now + max(msg.deadline_ms, 0) / 1000, msg)
+        self._enqueue(job)
+
+    def on_status(self, status: m.ServiceStatus) -> None:
+        ready = status.ready_nodes(self.stage)
+        listed = status.listed_nodes(self.stage)
+        missing = [k for k in range(self.stages) if not status.ready_nodes(k)]
+        log.debug("%s: status %s, ready %s, listed %s", self.slot, status.state, ready, listed)
+        with self._lock:
+            self.missing = missing
             if ready == self.ready and listed == self.listed:
                 return
             self.ready, self.listed = ready, listed
-            mine = self._witness.reassign(ready, listed, self.node_id)
+            if self.stages:
+                # A pipeline's requests are not served again (the lost head may have passed
+                # them on): one head replica answers those that never finish 'timeout'.
+                self._witness.rehome(ready, listed)
+                mine = []
+            else:
+                mine = self._witness.reassign(ready, listed, self.node_id)
         if status.state != "removed" and self.node_id not in listed:
             # Given up on (thought lost): the witnesses re-serve what we had queued.
             self._drain()
@@ -198,13 +282,13 @@ class Replica:
             # Served after ORPHAN_SETTLE: a broker that does not keep the order of messages
             # from different clients (amqtt) may deliver the lost owner's last done notices
             # after the status that dropped it.
-            log.info("%s: taking over %d requests of a replica that left", self.name, len(mine))
+            log.info("%s: taking over %d requests of a replica that left", self.slot, len(mine))
             with self._lock:
                 due = time.monotonic() + ORPHAN_SETTLE
                 self._orphans += [(due, entry) for entry in mine]
 
     def on_done(self, done: m.Done) -> None:
-        if done.node == self.node_id:
+        if done.node == self.node_id and done.stage == self.stage:
             return
         with self._lock:
             self._forget(done.keys)
@@ -257,7 +341,9 @@ class Replica:
 
     def tick(self, now: float) -> None:
         """[T-SERVE-2] a witnessed request that its owner has not answered by its deadline
-        plus a grace period is answered 'timeout' by one replica: the owner's successor."""
+        plus a grace period is answered 'timeout' by one replica: the owner's successor.
+        [T-PIPE-4] in a pipeline, the head replica that owns it (the head keeps what it
+        passed on until the last stage's done notice)."""
         self._serve_orphans(now)
         with self._lock:
             late = self._witness.expire(now)
@@ -265,14 +351,20 @@ class Replica:
         for entry in late:
             if entry.owner is None:
                 continue  # came while no replica was ready: the coordinator answered it
-            others = [n for n in ready if n != entry.owner] or [
-                n for n in listed if n != entry.owner
-            ]
-            if owner(entry.key, others) == self.node_id:
+            if self.stages:
+                answers = entry.owner == self.node_id
+                detail = "the pipeline did not finish it"
+            else:
+                others = [n for n in ready if n != entry.owner] or [
+                    n for n in listed if n != entry.owner
+                ]
+                answers = owner(entry.key, others) == self.node_id
+                detail = f"no answer from {entry.owner}"
+            if answers:
                 self._fail(
                     entry.item,
                     Code.TIMEOUT,
-                    f"no answer from {entry.owner} within {self.spec.deadline_ms} ms "
+                    f"{detail} within {self.spec.deadline_ms} ms "
                     f"(+{self._grace() * 1000:.0f} ms grace)",
                 )
 
@@ -316,7 +408,7 @@ class Replica:
             try:
                 self._serve(model, job)
             except Exception:
-                log.exception("%s: request %s failed", self.name, job.key)
+                log.exception("%s: request %s failed", self.slot, job.key)
                 self._fail(job, Code.INTERNAL, "the node failed while serving this request")
             finally:
                 with self._lock:
@@ -324,63 +416,137 @@ class Replica:
 
     def _serve(self, model: Model, job: Job) -> None:
         start = time.monotonic()
+        route = self._route(job, None)
         if start > job.deadline:
             waited = (start - job.received) * 1000
+            deadline = (job.deadline - job.received) * 1000
             self._fail(
                 job,
                 Code.TIMEOUT,
-                f"waited {waited:.0f} ms for a worker; the deadline is {self.spec.deadline_ms} ms",
+                f"waited {waited:.0f} ms for a worker at {self.slot}; {deadline:.0f} ms were left",
             )
             return
-        request_id = self._request_id(job, None)
         try:
-            decoded = decode_request(
-                job.message.payload,
-                model.inputs,
-                self.manifest.preprocessing if self.manifest else None,
-                max_bytes=self.max_request_bytes,
-            )
-            request_id = self._request_id(job, decoded.request_id)
-            if decoded.deadline_ms is not None:
-                waited = (time.monotonic() - job.received) * 1000
-                if waited > decoded.deadline_ms:
-                    raise ProtocolError(
-                        Code.TIMEOUT,
-                        f"waited {waited:.0f} ms for a worker; the request's deadline_ms is "
-                        f"{decoded.deadline_ms:g}",
-                    )
+            if job.stage_msg is not None:
+                arrays = tensors.match(job.stage_msg.tensors, model.inputs)
+            else:
+                decoded = decode_request(
+                    job.message.payload,
+                    model.inputs,
+                    self.manifest.preprocessing if self.manifest else None,
+                    max_bytes=self.max_request_bytes,
+                )
+                route = self._route(job, decoded.request_id)
+                if decoded.deadline_ms is not None:
+                    waited = (time.monotonic() - job.received) * 1000
+                    if waited > decoded.deadline_ms:
+                        raise ProtocolError(
+                            Code.TIMEOUT,
+                            f"waited {waited:.0f} ms for a worker; the request's deadline_ms "
+                            f"is {decoded.deadline_ms:g}",
+                        )
+                    job.deadline = min(job.deadline, job.received + decoded.deadline_ms / 1000)
+                arrays = decoded.arrays
+            if self.missing and self.head:
+                raise ProtocolError(
+                    Code.UNAVAILABLE,
+                    f"pipeline {self.name} has no ready replica for stage(s) "
+                    f"{', '.join(map(str, self.missing))}",
+                )
             t1 = time.monotonic()
-            outputs = model.run(decoded.arrays)
+            outputs = model.run(arrays)
             t2 = time.monotonic()
         except ProtocolError as e:
-            self._reply(job, self._error(request_id, e.code, e.message))
+            self._answer(route, self._error(route.request_id, e.code, e.message))
             return
         except RuntimeFailure as e:
-            self._reply(job, self._error(request_id, Code.INFERENCE_FAILED, str(e)))
+            self._answer(route, self._error(route.request_id, Code.INFERENCE_FAILED, str(e)))
             return
+        self._count(queue_ms=(start - job.received) * 1000, inference_ms=(t2 - t1) * 1000)
+        route.trace.append(
+            {
+                "stage": self.stage,
+                "node": self.node_id,
+                "queue_ms": round((start - job.received) * 1000, 3),
+                "inference_ms": round((t2 - t1) * 1000, 3),
+            }
+        )
+        if not self.last:
+            self._pass_on(job, route, model.outputs, outputs)
+            return
+        specs = [model.outputs[i] for i in self._outputs]
+        outputs = [outputs[i] for i in self._outputs]
         labels = self.manifest.labels if self.manifest else []
-        top = top_k(outputs[0], model.outputs[0], labels) if labels else None
+        top = top_k(outputs[0], specs[0], labels) if labels else None
         end = time.monotonic()
+        timing: dict[str, Any] = {
+            "queue_ms": sum(t["queue_ms"] for t in route.trace),
+            "inference_ms": sum(t["inference_ms"] for t in route.trace),
+            "total_ms": (end - job.received) * 1000,
+        }
+        if self.stages:
+            timing["stages"] = route.trace
         payload = result_json(
-            request_id=request_id,
+            request_id=route.request_id,
             service=self.name,
             node=self.node_id,
             ok=True,
-            outputs=encode_outputs(outputs, model.outputs),
+            outputs=encode_outputs(outputs, specs),
             top=top,
-            timing={
-                "queue_ms": (start - job.received) * 1000,
-                "inference_ms": (t2 - t1) * 1000,
-                "total_ms": (end - job.received) * 1000,
-            },
+            timing=timing,
         )
-        self.served += 1
-        self._reply(job, payload)
+        self._answer(route, payload)
+
+    def _count(self, queue_ms: float, inference_ms: float) -> None:
+        with self._lock:
+            self.served += 1
+            w = STATS_WEIGHT
+            self.inference_ms = (
+                inference_ms
+                if self.inference_ms is None
+                else (1 - w) * self.inference_ms + w * inference_ms
+            )
+            self.queue_ms = (
+                queue_ms if self.queue_ms is None else (1 - w) * self.queue_ms + w * queue_ms
+            )
+
+    def _pass_on(
+        self, job: Job, route: Route, specs: list[TensorInfo], outputs: list[np.ndarray]
+    ) -> None:
+        """[T-PIPE-2] the outputs go to the next stage with the route to the caller; the
+        head keeps the request until the last stage's done notice."""
+        assert self.stage is not None
+        left = (job.deadline - time.monotonic()) * 1000
+        msg = tensors.StageMessage(
+            request_id=route.request_id,
+            key=route.key,
+            reply=route.reply,
+            correlation=route.correlation,
+            deadline_ms=left,
+            tensors=list(zip(specs, outputs, strict=True)),
+            trace=route.trace,
+        )
+        if self.head:
+            with self._lock:
+                expires = job.deadline + self._grace()
+                self._witness.add(Witnessed(job.key, self.node_id, expires, job, 0))
+        topic = self.topics.service_stage(self.name, self.stage + 1)
+        self.send([Outgoing(topic, tensors.encode(msg), 1)])
 
     # ---- answering --------------------------------------------------------------------
 
-    def _request_id(self, job: Job, from_body: str | None) -> str:
-        return replies.request_id(job.ref, job.message.correlation_data, from_body, job.key)
+    def _route(self, job: Job, from_body: str | None) -> Route:
+        msg = job.stage_msg
+        if msg is not None:
+            return Route(msg.request_id, msg.key, msg.reply, msg.correlation, list(msg.trace))
+        message = job.message
+        return Route(
+            replies.request_id(job.ref, message.correlation_data, from_body, job.key),
+            job.key,
+            replies.result_topic(self.topics, self.name, job.ref, message.response_topic),
+            message.correlation_data,
+            [],
+        )
 
     def _error(self, request_id: str, code: Code, message: str) -> bytes:
         return result_json(
@@ -392,16 +558,15 @@ class Replica:
         )
 
     def _fail(self, job: Job, code: Code, message: str) -> None:
-        self._reply(job, self._error(self._request_id(job, None), code, message))
+        route = self._route(job, None)
+        self._answer(route, self._error(route.request_id, code, message))
 
-    def _reply(self, job: Job, payload: bytes) -> None:
-        msg = job.message
-        topic = replies.result_topic(self.topics, self.name, job.ref, msg.response_topic)
-        done = m.Done(node=self.node_id, keys=[job.key])
+    def _answer(self, route: Route, payload: bytes) -> None:
+        done = m.Done(node=self.node_id, keys=[route.key], stage=self.stage)
         # [T-SERVE-2] the answer, then at once the notice that lets the witnesses forget it
         self.send(
             [
-                Outgoing(topic, payload, 1, msg.correlation_data),
+                Outgoing(route.reply, payload, 1, route.correlation),
                 Outgoing(self.topics.service_done(self.name), codec.encode(done), 1),
             ]
         )

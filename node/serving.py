@@ -479,13 +479,11 @@ class Replica:
         labels = self.manifest.labels if self.manifest else []
         top = top_k(outputs[0], specs[0], labels) if labels else None
         end = time.monotonic()
-        timing: dict[str, Any] = {
+        timing = {
             "queue_ms": sum(t["queue_ms"] for t in route.trace),
             "inference_ms": sum(t["inference_ms"] for t in route.trace),
             "total_ms": (end - job.received) * 1000,
         }
-        if self.stages:
-            timing["stages"] = route.trace
         payload = result_json(
             request_id=route.request_id,
             service=self.name,
@@ -494,6 +492,7 @@ class Replica:
             outputs=encode_outputs(outputs, specs),
             top=top,
             timing=timing,
+            stages=route.trace if self.stages else None,
         )
         self._answer(route, payload)
 

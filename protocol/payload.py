@@ -537,8 +537,10 @@ def result_json(
     top: list[dict[str, Any]] | None = None,
     error: ProtocolError | tuple[str, str] | None = None,
     timing: dict[str, float] | None = None,
+    stages: list[dict[str, Any]] | None = None,
 ) -> bytes:
-    """The result payload. Fields that are None are left out."""
+    """The result payload. Fields that are None are left out. `stages`: a pipeline's
+    per-stage timing, put into `timing` as it is."""
     result: dict[str, Any] = {"v": RESULT_VERSION}
     if request_id is not None:
         result["request_id"] = request_id
@@ -556,6 +558,8 @@ def result_json(
         raise ValueError("a successful result carries no error")
     if timing is not None:
         result["timing"] = {key: round(float(value), 3) for key, value in timing.items()}
+        if stages is not None:
+            result["timing"]["stages"] = stages
     if outputs is not None:
         result["outputs"] = outputs
     if top is not None:

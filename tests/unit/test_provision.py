@@ -555,7 +555,7 @@ def test_undeploying_a_pipeline_stops_every_stage_then_clears_the_status() -> No
 
 def test_a_whole_model_redeployed_as_a_pipeline_swaps_the_replicas() -> None:
     reg = registry("n1", "n2")
-    p, cmds = deployed(reg, spec())
+    p, _ = deployed(reg, spec())
     p.on_spec(NAME, pipeline_spec(2, revision="r2"))
     actions = p.step(reg, 3.0)
     assert sorted((c.node, c.command.args) for c in sends(actions, "undeploy")) == [

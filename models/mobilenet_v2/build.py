@@ -1,18 +1,27 @@
-"""Build a MobileNetV2-sized image model with random weights, for benchmarks only.
+"""Build MobileNetV2-sized image models with random weights, for benchmarks only.
 
     /tmp/modelbuild/bin/python models/mobilenet_v2/build.py     (from the repository root)
 
 ``tf.keras.applications.MobileNetV2(input_shape=(224, 224, 3), alpha=ALPHA, weights=None,
 classes=1000)`` with weights drawn from a fixed seed (no download: ``weights=None``),
-full-integer quantized Coral style: uint8 input that takes the raw 0..255 RGB pixels (the
-representative data are uniform random images in MobileNetV2's [-1, 1] input range, so the
-input quantization maps pixel p to about p / 127.5 - 1), uint8 softmax output [1, 1000].
+converted twice, each file with its manifest beside it:
 
-It has the operators, tensor sizes and cost of a real MobileNetV2 but predicts nothing
-useful: use it to measure latency, throughput and provisioning, never accuracy.
+- ``mobilenet_v2_int8.tflite``: full-integer quantized Coral style: uint8 input that takes
+  the raw 0..255 RGB pixels (the representative data are uniform random images in
+  MobileNetV2's [-1, 1] input range, so the input quantization maps pixel p to about
+  p / 127.5 - 1), uint8 softmax output [1, 1000].
+- ``mobilenet_v2_f32.tflite``: the same Keras model converted without quantization: float32
+  input [1, 224, 224, 3] taking (pixel - 127.5) / 127.5, float32 softmax output [1, 1000].
+  It exists for compute-bound benchmarks: with LiteRT (XNNPACK) on x86 an invoke takes
+  about twice as long as with the int8 file (models/README.md has the figures).
 
-Determinism: three builds on one machine, two of them in separately installed venvs from
-models/requirements-build.txt, wrote byte-identical files.
+They have the operators, tensor sizes and cost of a real MobileNetV2 but predict nothing
+useful: use them to measure latency, throughput and provisioning, never accuracy.
+
+Determinism: the int8 file is converted first, exactly as before the f32 file was added,
+and stays byte-identical. Three builds on one machine, two of them in separately installed
+venvs from models/requirements-build.txt, wrote byte-identical int8 files; two builds
+wrote byte-identical f32 files.
 """
 
 from __future__ import annotations
@@ -70,13 +79,11 @@ def main() -> None:
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8
     converter.inference_output_type = tf.uint8
-    path = HERE / "mobilenet_v2_int8.tflite"
-    path.write_bytes(converter.convert())
-
-    manifest: dict[str, Any] = {
-        "name": "mobilenet-v2-int8",
-        **buildlib.describe(path, "tflite"),
-        "preprocessing": {
+    _write(
+        HERE / "mobilenet_v2_int8.tflite",
+        converter.convert(),
+        name="mobilenet-v2-int8",
+        preprocessing={
             "mode": "RGB",
             "size": [224, 224],
             "layout": "NHWC",
@@ -84,19 +91,52 @@ def main() -> None:
             "mean": 0.0,
             "std": 255.0,
         },
+        kind=(
+            "Full-integer quantized, uint8 input taking raw pixels, uint8 output (Edge TPU style)."
+        ),
+    )
+
+    # After the int8 file, so adding it left the int8 conversion exactly as it was.
+    _write(
+        HERE / "mobilenet_v2_f32.tflite",
+        tf.lite.TFLiteConverter.from_keras_model(model).convert(),
+        name="mobilenet-v2-f32",
+        preprocessing={
+            "mode": "RGB",
+            "size": [224, 224],
+            "layout": "NHWC",
+            "pixels": False,
+            "mean": 127.5,
+            "std": 127.5,
+        },
+        kind=(
+            "Float32, not quantized: input (pixel - 127.5) / 127.5 in [-1, 1], float32 "
+            "output; for compute-bound benchmarks."
+        ),
+    )
+    print(f"built in {time.monotonic() - started:.0f} s")
+
+
+def _write(
+    path: Path, model: bytes, *, name: str, preprocessing: dict[str, Any], kind: str
+) -> None:
+    """Write one converted model and its manifest, read back from the written file."""
+    path.write_bytes(model)
+    manifest: dict[str, Any] = {
+        "name": name,
+        **buildlib.describe(path, "tflite"),
+        "preprocessing": preprocessing,
         "labels": [],
         "accuracy": None,
         "test_set": None,
         "description": (
             f"MobileNetV2 (alpha {ALPHA}, 224x224 RGB, 1000 classes) with RANDOM weights "
-            "(fixed seed), for benchmarks only: its outputs mean nothing. Full-integer "
-            "quantized, uint8 input taking raw pixels, uint8 output (Edge TPU style). "
+            f"(fixed seed), for benchmarks only: its outputs mean nothing. {kind} "
             "Built by models/mobilenet_v2/build.py."
         ),
     }
     buildlib.write_manifest(path, manifest)
     print(f"{path.name} {manifest['size']} B  sha256 {manifest['sha256'][:16]}")
-    print(f"built in {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":

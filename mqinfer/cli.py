@@ -8,7 +8,7 @@ import sys
 import broker.cli
 import coordinator.cli
 import node.cli
-from mqinfer import demo, deploy, infer
+from mqinfer import demo, deploy, infer, split
 
 
 def parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def parser() -> argparse.ArgumentParser:
     coordinator.cli.add_parsers(sub)
     deploy.add_parsers(sub)
     infer.add_parser(sub)
+    split.add_parser(sub)
     demo.add_parser(sub)
     return p
 

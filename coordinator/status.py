@@ -14,6 +14,7 @@ from typing import Any
 from coordinator.agent import read, subscriptions
 from coordinator.registry import NodeRecord, Registry
 from mqinfer.client import BrokerURL, Connection, Message
+from protocol import messages as m
 from protocol.errors import ProtocolError
 from protocol.topics import TopicError, Topics
 
@@ -84,16 +85,18 @@ def as_json(registry: Registry, now: float | None = None) -> dict[str, Any]:
     services = []
     for name in sorted(registry.services):
         rec = registry.services[name]
+        spec = None
+        if rec.spec:
+            spec = rec.spec.model_dump(mode="json", exclude={"manifest", "pipeline"})
+            spec["stages"] = rec.spec.stages
         services.append(
             {
                 "name": name,
-                "spec": rec.spec.model_dump(mode="json", exclude={"manifest"})
-                if rec.spec
-                else None,
+                "spec": spec,
                 "state": rec.status.state if rec.status else "unknown",
                 "reason": rec.status.reason if rec.status else None,
                 "replicas": (
-                    [r.model_dump(exclude_none=True) for r in rec.status.replicas]
+                    [_replica_view(name, r, registry) for r in rec.status.replicas]
                     if rec.status
                     else []
                 ),
@@ -107,6 +110,26 @@ def as_json(registry: Registry, now: float | None = None) -> dict[str, Any]:
         "services": services,
         "coordinator": coord.model_dump(mode="json", exclude_none=True) if coord else None,
     }
+
+
+def _replica_view(name: str, r: m.ReplicaStatus, registry: Registry) -> dict[str, Any]:
+    """A replica as the status lists it, with what its node measured (its heartbeat)."""
+    view = r.model_dump(exclude_none=True)
+    node = registry.nodes.get(r.node)
+    beat = node.heartbeat if node else None
+    stats = beat.stats.get(m.slot(name, r.stage)) if beat else None
+    if stats is not None:
+        view.update(stats.model_dump(exclude_none=True))
+    return view
+
+
+def _where(r: dict[str, Any]) -> str:
+    text = f"{r['node']} {r['state']}"
+    if "stage" in r:
+        text = f"[{r['stage']}] {text}"
+    if r.get("inference_ms") is not None:
+        text += f" {r['inference_ms']:.1f} ms"
+    return text
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -146,7 +169,10 @@ def as_text(view: dict[str, Any]) -> str:
             model = f"{spec['model']} ({spec['format']})" if spec else "-"
             ready = sum(r["state"] == "ready" for r in s["replicas"])
             want = f"{ready}/{spec['replicas']}" if spec else str(ready)
-            where = ", ".join(f"{r['node']} {r['state']}" for r in s["replicas"]) or "-"
+            where = ", ".join(_where(r) for r in s["replicas"]) or "-"
+            if spec and spec["stages"]:
+                model += f", {spec['stages']} stages"
+                want = f"{ready}/{spec['replicas'] * spec['stages']}"
             srows.append([s["name"], s["state"], model, f"{want}: {where}"])
             if s["reason"]:
                 reasons.append(f"{s['name']}: {s['reason']}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -19,12 +20,17 @@ from mqinfer import options
 from mqinfer.client import BrokerURL, Connection, Message, MQTTError
 from mqinfer.servicefile import (
     ModelFile,
+    PipelineFiles,
     ServiceFile,
     SpecFileError,
-    load_spec_file,
+    is_pipeline,
     read_model,
+    read_pipeline,
+    read_spec_file,
     service_spec,
+    whole_model,
 )
+from mqinfer.split import SplitError, split_model
 from mqinfer.upload import Uploader, progress_bar
 from protocol import codec
 from protocol import messages as m
@@ -84,7 +90,10 @@ def _connect(url: BrokerURL, protocol: str, follower: _Follower, what: str) -> C
 
 
 def _replicas(status: m.ServiceStatus) -> str:
-    return ", ".join(f"{r.node} {r.state}" for r in status.replicas) or "none"
+    def where(r: m.ReplicaStatus) -> str:
+        return f"stage {r.stage} {r.node}" if r.stage is not None else r.node
+
+    return ", ".join(f"{where(r)} {r.state}" for r in status.replicas) or "none"
 
 
 def deploy(
@@ -95,27 +104,31 @@ def deploy(
     wait: float | None,
     protocol: str = "auto",
     reupload: bool = False,
+    pipeline: PipelineFiles | None = None,
 ) -> int:
+    """Upload the model (or, for a pipeline, each segment) and publish the spec."""
     revision = uuid.uuid4().hex[:12]
-    spec = service_spec(spec_file, model, revision)
+    spec = service_spec(spec_file, model, revision, pipeline.pipeline if pipeline else None)
     follower = _Follower(topics, spec.name)
     conn = _connect(url, protocol, follower, "deploy")
     try:
         uploader = follower.uploader = Uploader(conn, topics)
-        sent = uploader.upload(
-            model.sha256,
-            model.data,
-            model.path.name,
-            model.format,
-            model.manifest,
-            progress_bar(f"uploading {model.path.name}"),
-            force=reupload,
-        )
-        print(
-            f"artifact {model.sha256[:12]} ({model.path.name}, {len(model.data)} bytes): "
-            + ("uploaded" if sent else "already on the broker"),
-            file=sys.stderr,
-        )
+        for artifact in pipeline.segments if pipeline else [model]:
+            sent = uploader.upload(
+                artifact.sha256,
+                artifact.data,
+                artifact.path.name,
+                artifact.format,
+                artifact.manifest,
+                progress_bar(f"uploading {artifact.path.name}"),
+                force=reupload,
+            )
+            print(
+                f"artifact {artifact.sha256[:12]} ({artifact.path.name}, "
+                f"{len(artifact.data)} bytes): "
+                + ("uploaded" if sent else "already on the broker"),
+                file=sys.stderr,
+            )
         conn.subscribe([(topics.service_status(spec.name), 1)])
         conn.publish_wait(topics.service_spec(spec.name), codec.encode(spec), retain=True)
         print(f"service {spec.name}: spec published (revision {revision})", file=sys.stderr)
@@ -189,14 +202,27 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "deploy",
         help="deploy a model as a service (uploads the model over MQTT)",
         description="Deploy a service from a spec file (YAML or JSON: name, model, replicas, "
-        "constraints) or straight from a model file with --model and --name. The model "
-        "travels to the nodes over the broker; a manifest beside the model (same name, "
-        ".json) adds preprocessing and labels. The coordinator places the replicas.",
+        "constraints, segments) or straight from a model file with --model and --name. The "
+        "model travels to the nodes over the broker; a manifest beside the model (same name, "
+        ".json) adds preprocessing and labels. The coordinator places the replicas. With "
+        "--segments N the model is split here (as `mqinfer split` does, verified) and runs "
+        "as a pipeline of N stages, each on its own node where there are enough; a "
+        "pipeline manifest (.pipeline.json) as the model deploys segments split before.",
     )
     p.add_argument("spec", nargs="?", type=Path, help="service spec file (.yaml or .json)")
-    p.add_argument("--model", type=Path, help="a .tflite, _edgetpu.tflite or .onnx file")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="a .tflite, _edgetpu.tflite or .onnx file, or a .pipeline.json of `mqinfer split`",
+    )
     p.add_argument("--name", help="service name (with --model)")
-    p.add_argument("--replicas", type=int, help="replicas (overrides the spec file)")
+    p.add_argument("--replicas", type=int, help="replicas, per stage (overrides the spec file)")
+    p.add_argument(
+        "--segments",
+        type=int,
+        help="split the model into N pipeline stages, 2-8 (overrides the spec file)",
+    )
+    p.add_argument("--max-segment-mb", type=float, help="with --segments: the largest segment file")
     p.add_argument(
         "--accelerator",
         choices=["cpu", "edgetpu", "gpu", "openvino", "npu"],
@@ -249,6 +275,8 @@ def _run_deploy(args: argparse.Namespace) -> int:
         parser.error("--model needs --name (the service name)")
     if args.replicas is not None and args.replicas < 0:
         parser.error("--replicas: expected 0 or more")
+    if args.segments is not None and not 0 <= args.segments <= 8:
+        parser.error("--segments: expected 2-8 (0 or 1: the whole model)")
     labels = {}
     for text in args.label:
         key, sep, value = text.partition("=")
@@ -257,34 +285,74 @@ def _run_deploy(args: argparse.Namespace) -> int:
         labels[key] = value
     try:
         if args.spec is not None:
-            spec_file, model = load_spec_file(args.spec)
+            spec_file, path = read_spec_file(args.spec)
         else:
             spec_file = ServiceFile(name=args.name, model=str(args.model))
-            model = read_model(args.model)
+            path = args.model
         update: dict[str, object] = {}
         if args.replicas is not None:
             update["replicas"] = args.replicas
+        if args.segments is not None:
+            update["segments"] = args.segments
+        if args.max_segment_mb is not None:
+            update["max_segment_mb"] = args.max_segment_mb
         if args.accelerator or labels:
             update["constraints"] = m.Constraints(
                 accelerator=args.accelerator or spec_file.constraints.accelerator,
                 labels={**spec_file.constraints.labels, **labels},
             )
         spec_file = spec_file.model_copy(update=update)
-        return deploy(
-            url,
-            topics,
-            spec_file,
-            model,
-            args.timeout if args.wait else None,
-            args.mqtt_version,
-            args.reupload,
-        )
-    except (SpecFileError, ValueError) as e:
+        with tempfile.TemporaryDirectory(prefix="mqinfer-split-") as tmp:
+            model, pipeline = _model_files(spec_file, path, Path(tmp))
+            return deploy(
+                url,
+                topics,
+                spec_file,
+                model,
+                args.timeout if args.wait else None,
+                args.mqtt_version,
+                args.reupload,
+                pipeline,
+            )
+    except (SpecFileError, SplitError, ValueError) as e:
         print(f"mqinfer deploy: {e}", file=sys.stderr)
         return 2
     except MQTTError as e:
         print(f"mqinfer deploy: broker {url}: {e}", file=sys.stderr)
         return 1
+
+
+def _model_files(
+    spec_file: ServiceFile, path: Path, tmp: Path
+) -> tuple[ModelFile, PipelineFiles | None]:
+    """The whole model, and the pipeline to deploy: split before, or split now into tmp."""
+    if is_pipeline(path):
+        files = read_pipeline(path)
+        if spec_file.segments > 1 and spec_file.segments != len(files.segments):
+            raise SpecFileError(
+                f"{path.name} has {len(files.segments)} segments, not {spec_file.segments}; "
+                "split again, or leave segments out"
+            )
+        return whole_model(files), files
+    model = read_model(path)
+    if spec_file.segments <= 1:
+        return model, None
+    pipeline = split_model(path, spec_file.segments, tmp, max_segment_mb=spec_file.max_segment_mb)
+    for seg in pipeline.segments:
+        print(
+            f"segment {seg.manifest.file}: ops {seg.ops[0]}-{seg.ops[1]}, "
+            f"{seg.manifest.size} bytes, {seg.latency_ms or 0:.2f} ms here",
+            file=sys.stderr,
+        )
+    return model, read_pipeline(tmp / f"{_stem(path)}.pipeline.json")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".tflite", ".onnx"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
 
 
 def _run_undeploy(args: argparse.Namespace) -> int:

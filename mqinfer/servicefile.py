@@ -10,6 +10,11 @@
     workers: 1                   # optional: interpreters (threads) per replica
     threads: 1                   # optional: runtime threads per interpreter
     queue: 32                    # optional: queued requests per replica before 'busy'
+    segments: 2                  # optional: split the model into a pipeline of 2-8 stages
+    max_segment_mb: 4            # optional (with segments): largest segment file
+
+`model` may also name a pipeline manifest written by `mqinfer split`
+(``m.pipeline.json``): its segments are deployed as they are.
 
 A manifest with the model's name and `.json` instead of `.tflite` / `.onnx` beside the
 model is picked up by itself (m_edgetpu.tflite -> m_edgetpu.json).
@@ -26,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from protocol import messages as m
-from protocol.manifest import Manifest, format_of
+from protocol.manifest import Manifest, Pipeline, format_of
 from protocol.topics import check_id
 
 
@@ -45,6 +50,10 @@ class ServiceFile(BaseModel):
     workers: int = Field(1, ge=1, le=64, description="Interpreters per replica")
     threads: int = Field(1, ge=1, le=64, description="Runtime threads per interpreter")
     queue: int = Field(32, ge=1, le=100_000, description="Queued requests per replica")
+    segments: int = Field(
+        0, ge=0, le=8, description="Split into this many pipeline stages (0 or 1: whole model)"
+    )
+    max_segment_mb: float | None = Field(None, gt=0, description="Largest segment file")
 
     @field_validator("name")
     @classmethod
@@ -92,7 +101,60 @@ def read_model(path: Path) -> ModelFile:
     return ModelFile(path, data, sha, fmt, manifest)
 
 
-def load_spec_file(path: Path) -> tuple[ServiceFile, ModelFile]:
+PIPELINE_SUFFIX = ".pipeline.json"
+
+
+@dataclass(frozen=True)
+class PipelineFiles:
+    """A split model as `mqinfer split` wrote it: the manifest and each segment file."""
+
+    path: Path
+    pipeline: Pipeline
+    segments: list[ModelFile]
+
+
+def is_pipeline(path: Path) -> bool:
+    return path.name.endswith(PIPELINE_SUFFIX)
+
+
+def read_pipeline(path: Path) -> PipelineFiles:
+    """Read a pipeline manifest and its segment files, checking every hash."""
+    try:
+        pipeline = Pipeline.model_validate(orjson.loads(path.read_bytes()))
+    except OSError as e:
+        raise SpecFileError(f"{path}: {e.strerror}") from None
+    except (orjson.JSONDecodeError, ValidationError) as e:
+        raise SpecFileError(f"{path}: not a valid pipeline manifest: {e}") from None
+    segments = []
+    for seg in pipeline.segments:
+        file = path.parent / seg.manifest.file
+        try:
+            data = file.read_bytes()
+        except OSError as e:
+            raise SpecFileError(f"{file}: {e.strerror} (a segment of {path.name})") from None
+        sha = hashlib.sha256(data).hexdigest()
+        if sha != seg.manifest.sha256:
+            raise SpecFileError(
+                f"{file}: sha256 {sha[:12]} does not match {path.name} "
+                f"({seg.manifest.sha256[:12]}); split the model again"
+            )
+        segments.append(ModelFile(file, data, sha, seg.manifest.format, seg.manifest))
+    return PipelineFiles(path, pipeline, segments)
+
+
+def whole_model(files: PipelineFiles) -> ModelFile:
+    """The model a pipeline was split from, when it lies beside the manifest (for its
+    manifest: preprocessing and labels); else a stand-in with the pipeline's own facts."""
+    beside = files.path.parent / files.pipeline.model
+    if beside.is_file():
+        model = read_model(beside)
+        if model.sha256 == files.pipeline.sha256:
+            return model
+    return ModelFile(beside, b"", files.pipeline.sha256, files.pipeline.format, None)
+
+
+def read_spec_file(path: Path) -> tuple[ServiceFile, Path]:
+    """The spec and the path of the model (or pipeline manifest) it names."""
     try:
         text = path.read_text()
     except OSError as e:
@@ -109,16 +171,27 @@ def load_spec_file(path: Path) -> tuple[ServiceFile, ModelFile]:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(file)"
         raise SpecFileError(f"{path}: field '{where}': {first['msg']}") from None
-    return spec, read_model((path.parent / spec.model).resolve())
+    return spec, (path.parent / spec.model).resolve()
 
 
-def service_spec(spec: ServiceFile, model: ModelFile, revision: str) -> m.ServiceSpec:
+def load_spec_file(path: Path) -> tuple[ServiceFile, ModelFile]:
+    spec, model = read_spec_file(path)
+    if is_pipeline(model):
+        return spec, whole_model(read_pipeline(model))
+    return spec, read_model(model)
+
+
+def service_spec(
+    spec: ServiceFile, model: ModelFile, revision: str, pipeline: Pipeline | None = None
+) -> m.ServiceSpec:
+    size = sum(s.manifest.size for s in pipeline.segments) if pipeline else len(model.data)
     return m.ServiceSpec(
         name=spec.name,
         model=model.path.name,
         artifact=model.sha256,
         format=model.format,
-        size=len(model.data),
+        size=size,
+        pipeline=pipeline,
         replicas=spec.replicas,
         constraints=spec.constraints,
         deadline_ms=spec.deadline_ms,

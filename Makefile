@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test check unit integration clean
+.PHONY: demo test check unit integration bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ integration: $(STAMP)
 
 test: check
 	$(BIN)/python -m pytest
+
+# Benchmarks: each against its baseline in the same run; figures go to bench/RESULTS.md.
+bench: $(STAMP)
+	$(BIN)/python -m bench.pipeline
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

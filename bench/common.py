@@ -1,0 +1,196 @@
+"""What every benchmark shares: a broker, mqinfer processes, a load generator that
+measures what a sensor would see, and the one-line-per-figure report.
+
+Benchmarks compare ratios measured side by side in one run; absolute numbers are printed
+for context only (these machines are shared and noisy).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from protocol.topics import Topics
+from tests.integration.harness import Broker, Procs, start_broker, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "RESULTS.md"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True)
+        return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} cores"
+
+
+@dataclass
+class Report:
+    """One line per figure, printed and appended to bench/RESULTS.md."""
+
+    title: str
+    lines: list[str] = field(default_factory=list)
+
+    def figure(self, text: str) -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def save(self) -> None:
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        new = not RESULTS.exists()
+        with RESULTS.open("a") as f:
+            if new:
+                f.write("# Benchmark results\n\nAppended by `make bench`, newest last.\n")
+            f.write(f"\n## {self.title}: {stamp}, commit {commit()}, {machine()}\n\n")
+            f.writelines(f"- {line}\n" for line in self.lines)
+
+
+class Cluster:
+    """A broker, a coordinator and nodes, each its own process, as a user runs them."""
+
+    def __init__(self, workdir: Path, broker: str = "mosquitto") -> None:
+        self.workdir = workdir
+        self.broker: Broker = start_broker(broker, workdir)
+        self.prefix = f"b{uuid.uuid4().hex[:8]}/mqinfer"
+        self.procs = Procs(workdir)
+        self.procs.start(
+            "coordinator", "coordinator", "--broker", self.broker.url, "--prefix", self.prefix
+        )
+
+    def node(self, node_id: str, *extra: str) -> None:
+        self.procs.node(self.broker, self.prefix, node_id, *extra)
+
+    def mqinfer(self, *args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "mqinfer", *args, "--broker", self.broker.url],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"mqinfer {' '.join(args)}: {out.stdout}{out.stderr}")
+        return out.stdout + out.stderr
+
+    def deploy(self, *args: str) -> str:
+        return self.mqinfer("deploy", *args, "--prefix", self.prefix, "--wait", "--timeout", "120")
+
+    def status(self) -> dict[str, Any]:
+        text = self.mqinfer("status", "--json", "--prefix", self.prefix)
+        value = orjson.loads(text[text.index("{") :])
+        assert isinstance(value, dict)
+        return value
+
+    def stop(self) -> None:
+        for p in self.procs.all:
+            p.terminate()
+        self.broker.stop()
+
+
+class Load:
+    """A sensor's view: requests on request/{id}, results read on result/{id}."""
+
+    def __init__(self, broker: Broker, prefix: str, service: str) -> None:
+        self.topics = Topics(prefix)
+        self.service = service
+        self.lock = threading.Condition()
+        self.sent: dict[str, float] = {}
+        self.latency: dict[str, float] = {}
+        self.bodies: dict[str, dict[str, Any]] = {}
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        self.client.on_socket_open = _nodelay
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.loop_start()
+        self.client.subscribe(self.topics.service_result(service) + "/+", qos=1)
+        assert subscribed.wait(10), "no SUBACK"
+        self._n = 0
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        now = time.perf_counter()
+        rid = msg.topic.rsplit("/", 1)[1]
+        with self.lock:
+            if rid in self.sent and rid not in self.latency:
+                self.latency[rid] = now - self.sent[rid]
+                self.bodies[rid] = orjson.loads(msg.payload)
+                self.lock.notify_all()
+
+    def run(self, payload: bytes, count: int, window: int) -> Run:
+        """Send `count` requests, at most `window` unanswered at a time."""
+        ids = []
+        start = time.perf_counter()
+        for _ in range(count):
+            rid = f"r{self._n}"
+            self._n += 1
+            ids.append(rid)
+            with self.lock:
+                while sum(1 for i in ids if i not in self.latency) > window:
+                    if not self.lock.wait(30):
+                        raise TimeoutError("no result for 30 s")
+                self.sent[rid] = time.perf_counter()
+            self.client.publish(self.topics.service_request(self.service, rid), payload, qos=1)
+        with self.lock:
+            while not all(i in self.latency for i in ids):
+                if not self.lock.wait(30):
+                    raise TimeoutError("no result for 30 s")
+            elapsed = time.perf_counter() - start
+            bodies = [self.bodies[i] for i in ids]
+            lat = [self.latency[i] for i in ids]
+        errors = [b["error"] for b in bodies if not b["ok"]]
+        if errors:
+            raise RuntimeError(f"{len(errors)} errors, e.g. {errors[0]}")
+        return Run(count / elapsed, lat, bodies)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@dataclass
+class Run:
+    throughput: float  # results per second
+    latencies: list[float]  # seconds
+    bodies: list[dict[str, Any]]
+
+    def p(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _nodelay(_c: Any, _u: Any, sock: Any) -> None:
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def spread(values: list[float]) -> str:
+    """'median (min-max)'."""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def until(predicate: Callable[[], Any], what: str, timeout: float = 120) -> Any:
+    return wait_for(predicate, what, timeout)

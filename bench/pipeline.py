@@ -1,0 +1,112 @@
+"""Pipeline benchmark: a model split into 2 stages on 2 nodes against the same model as one
+service on 1 node, throughput measured side by side in one run (compute-bound case).
+
+    python -m bench.pipeline [--model models/mobilenet_v2/mobilenet_v2_f32.tflite]
+
+Both services are deployed at once on the same two nodes (one worker, one runtime thread
+per replica) and measured alternately, `--reps` times each, with `--window` requests in
+flight: the pipeline can only win by running its stages at the same time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.common import REPO, Cluster, Load, Report, machine, spread, until
+
+DEFAULT_MODEL = REPO / "models" / "mobilenet_v2" / "mobilenet_v2_f32.tflite"
+GOAL = 1.7
+
+
+def frame() -> bytes:
+    """A 224x224 camera-like JPEG: smooth gradients and a few shapes (about 10 KB)."""
+    y, x = np.mgrid[0:224, 0:224]
+    rgb = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
+    rgb[60:120, 80:160] = (200, 40, 40)
+    rgb[140:200, 20:90] = (30, 160, 220)
+    out = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--segments", type=int, default=2)
+    p.add_argument("--count", type=int, default=150, help="requests per measurement")
+    p.add_argument("--window", type=int, default=8, help="requests in flight")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-save", action="store_true", help="do not append to bench/RESULTS.md")
+    args = p.parse_args(argv)
+    report = Report(f"pipeline ({args.model.name}, {args.segments} stages)")
+    with tempfile.TemporaryDirectory(prefix="mqinfer-bench-") as tmp:
+        cluster = Cluster(Path(tmp))
+        try:
+            for n in range(1, args.segments + 1):
+                cluster.node(f"n{n}")
+            until(lambda: len(cluster.status()["nodes"]) == args.segments, "nodes")
+            cluster.deploy("--model", str(args.model), "--name", "whole")
+            out = cluster.deploy(
+                "--model", str(args.model), "--name", "pipe", "--segments", str(args.segments)
+            )
+            split = [line for line in out.splitlines() if line.startswith("segment ")]
+            status = {s["name"]: s for s in cluster.status()["services"]}
+            placed = {r["stage"]: r["node"] for r in status["pipe"]["replicas"]}
+            whole_on = [r["node"] for r in status["whole"]["replicas"]]
+            payload = frame()
+            loads = {name: Load(cluster.broker, cluster.prefix, name) for name in ("whole", "pipe")}
+            for load in loads.values():
+                load.run(payload, 30, args.window)  # warm-up
+            runs: dict[str, list] = {"whole": [], "pipe": []}
+            for _ in range(args.reps):
+                for name, load in loads.items():
+                    runs[name].append(load.run(payload, args.count, args.window))
+            for load in loads.values():
+                load.close()
+        finally:
+            cluster.stop()
+    tput = {name: [r.throughput for r in rs] for name, rs in runs.items()}
+    ratios = [a / b for a, b in zip(tput["pipe"], tput["whole"], strict=True)]
+    ratio = statistics.median(ratios)
+    verdict = "met" if ratio >= GOAL else f"not met: {GOAL - ratio:.2f} short"
+    where = ", ".join(f"stage {k} on {n}" for k, n in sorted(placed.items()))
+    report.figure(
+        f"pipeline/whole throughput, {args.model.name}, {args.segments} stages: ratio "
+        f"{spread(ratios)} (goal >= {GOAL}x: {verdict}); pipeline {spread(tput['pipe'])} req/s "
+        f"({where}), whole model {spread(tput['whole'])} req/s (on {', '.join(whole_on)}); "
+        f"{args.reps} x {args.count} requests, {args.window} in flight; Mosquitto; {machine()}"
+    )
+    stages = [r["timing"]["stages"] for run in runs["pipe"] for r in run.bodies]
+    per_stage = [
+        statistics.median(s[k]["inference_ms"] for s in stages) for k in range(args.segments)
+    ]
+    whole_ms = statistics.median(
+        r["timing"]["inference_ms"] for run in runs["whole"] for r in run.bodies
+    )
+    report.figure(
+        "per-stage model run (median ms, on the nodes): "
+        + ", ".join(f"stage {k} {ms:.2f}" for k, ms in enumerate(per_stage))
+        + f"; whole model {whole_ms:.2f}"
+    )
+    report.figure("split (measured on this machine when split): " + "; ".join(split))
+    for name in ("whole", "pipe"):
+        lat = [x for run in runs[name] for x in run.latencies]
+        ordered = sorted(lat)
+        report.figure(
+            f"{name}: latency under load p50 {ordered[len(ordered) // 2] * 1000:.2f} ms, "
+            f"p99 {ordered[int(len(ordered) * 0.99)] * 1000:.2f} ms"
+        )
+    if not args.no_save:
+        report.save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

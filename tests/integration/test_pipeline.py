@@ -292,9 +292,15 @@ def check_status_shows_stages(
     assert svc["spec"]["stages"] == stages
     assert sorted(r["stage"] for r in svc["replicas"]) == list(range(stages))
     assert all(r["inference_ms"] > 0 for r in svc["replicas"])
-    text = mqinfer("status", *common).stdout
-    line = next(line for line in text.splitlines() if line.startswith(service + " "))
-    assert f"{stages} stages" in line and "[0] " in line and " ms" in line, text
+
+    def line() -> str | None:
+        # The embedded broker can hand over the retained messages more slowly than
+        # `status` waits for them: ask again until the service's line is there.
+        text = mqinfer("status", *common).stdout
+        return next((x for x in text.splitlines() if x.startswith(service + " ")), None)
+
+    shown = wait_for(line, f"{service} in `mqinfer status`", timeout=20)
+    assert f"{stages} stages" in shown and "[0] " in shown and " ms" in shown, shown
 
 
 # ---- failures ---------------------------------------------------------------------------

@@ -75,6 +75,13 @@ class Capabilities(Wire):
         default_factory=dict,
         description="What was probed and not found, with the reason (e.g. edgetpu)",
     )
+    speed_ms: float | None = Field(
+        None, description="Run time of a fixed reference workload at start (lower: faster)"
+    )
+    max_workers: int | None = Field(None, description="Worker threads per replica, at most")
+    artificial_slowdown: float = Field(
+        1.0, ge=1.0, description="For experiments only: model runs made this many times slower"
+    )
 
 
 # ---- presence -------------------------------------------------------------------
@@ -123,6 +130,8 @@ class ReplicaStats(BaseModel):
         None, description="Model run time: warm-up at deploy, then a running mean of traffic"
     )
     queue_ms: float | None = Field(None, description="Running mean of time spent queued")
+    workers: int = Field(1, ge=1, description="Worker threads (interpreters) it runs")
+    rate: float | None = Field(None, description="Requests per second since the last heartbeat")
 
 
 def slot(service: str, stage: int | None) -> str:
@@ -239,6 +248,9 @@ class ReplicaStatus(BaseModel):
     state: ReplicaState
     reason: str | None = None
     stage: int | None = Field(None, description="Pipeline stage it runs; None: the whole model")
+    weight: float | None = Field(
+        None, description="Its share of the requests, relative to the others' (routing)"
+    )
 
 
 class ServiceStatus(Wire):
@@ -259,6 +271,14 @@ class ServiceStatus(Wire):
 
     def ready_nodes(self, stage: int | None = None) -> list[str]:
         return sorted(r.node for r in self.replicas if r.state == "ready" and r.stage == stage)
+
+    def weights(self, stage: int | None = None) -> dict[str, float]:
+        """Routing weights of the ready replicas of `stage` (empty: route evenly)."""
+        return {
+            r.node: r.weight
+            for r in self.replicas
+            if r.state == "ready" and r.stage == stage and r.weight is not None
+        }
 
     def head_ready(self) -> list[str]:
         """Ready replicas of what takes the requests: the whole model, or stage 0."""

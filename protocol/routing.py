@@ -16,8 +16,9 @@ recomputes the owner among the remaining replicas, and exactly one of them serve
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -43,11 +44,25 @@ def _score(key: str, node: str) -> bytes:
     return hashlib.blake2b(f"{key}/{node}".encode(), digest_size=8).digest()
 
 
-def owner(key: str, ready: Sequence[str]) -> str | None:
-    """The replica that serves `key` among `ready` (None when none is ready)."""
+Weights = Mapping[str, float]
+
+
+def owner(key: str, ready: Sequence[str], weights: Weights | None = None) -> str | None:
+    """The replica that serves `key` among `ready` (None when none is ready).
+
+    With `weights` (node -> relative capacity, 1.0 when absent) this is weighted rendezvous
+    hashing: each node's share of the keys is its weight over the sum of the weights. With
+    equal weights it picks the same node as the unweighted hash."""
     if not ready:
         return None
-    return max(ready, key=lambda node: (_score(key, node), node))
+    if not weights:
+        return max(ready, key=lambda node: (_score(key, node), node))
+
+    def weighted(node: str) -> tuple[float, str]:
+        u = (int.from_bytes(_score(key, node), "big") + 0.5) / 2.0**64  # in (0, 1)
+        return (max(weights.get(node, 1.0), 1e-9) / -math.log(u), node)
+
+    return max(ready, key=weighted)
 
 
 @dataclass
@@ -109,17 +124,25 @@ class Witness(Generic[T]):
         late = [n for n, e in self._entries.items() if e.deadline <= now]
         return [self._remove(n) for n in late]
 
-    def rehome(self, ready: Sequence[str], listed: Sequence[str]) -> None:
+    def rehome(
+        self, ready: Sequence[str], listed: Sequence[str], weights: Weights | None = None
+    ) -> None:
         """Keep every entry, but give those whose owner is no longer listed a new owner
         among the ready replicas (else the listed ones), or drop them when there is none."""
         alive = set(listed)
         for n, e in list(self._entries.items()):
             if e.owner is not None and e.owner not in alive:
-                e.owner = owner(e.key, ready) or owner(e.key, listed)
+                e.owner = owner(e.key, ready, weights) or owner(e.key, listed)
                 if e.owner is None:
                     self._remove(n)
 
-    def reassign(self, ready: Sequence[str], listed: Sequence[str], me: str) -> list[Witnessed[T]]:
+    def reassign(
+        self,
+        ready: Sequence[str],
+        listed: Sequence[str],
+        me: str,
+        weights: Weights | None = None,
+    ) -> list[Witnessed[T]]:
         """A new status: entries whose owner is no longer listed at all (its node was lost
         or given up on) get a new owner among the ready replicas, or, with none ready, among
         the listed ones (which answer 'unavailable'). Return (and drop) those now ours.
@@ -134,7 +157,7 @@ class Witness(Generic[T]):
                 self._remove(n)
                 continue
             if e.owner not in alive:
-                e.owner = owner(e.key, ready) or owner(e.key, listed)
+                e.owner = owner(e.key, ready, weights) or owner(e.key, listed)
             if e.owner == me:
                 mine.append(self._remove(n))
             elif e.owner is None:

@@ -301,3 +301,36 @@ def test_result_topic() -> None:
     assert result_topic(T, "digits", with_id, None) == "mqinfer/services/digits/result/r1"
     assert result_topic(T, "digits", plain, None) == "mqinfer/services/digits/result"
     assert result_topic(T, "digits", plain, "") == "mqinfer/services/digits/result"
+
+
+# ---- weighted routing ---------------------------------------------------------------------
+
+
+def test_weights_give_each_replica_its_share_of_the_requests() -> None:
+    """[T-SERVE-5] weighted rendezvous: shares follow the weights, and every replica
+    computes the same owner."""
+    weights = {"fast": 4.0, "slow": 1.0}
+    keys = [request_key("t", str(i).encode(), None, None) for i in range(20_000)]
+    counts = Counter(owner(k, ["fast", "slow"], weights) for k in keys)
+    assert 0.77 < counts["fast"] / len(keys) < 0.83  # 4 / (4 + 1) = 0.8
+    assert [owner(k, ["slow", "fast"], weights) for k in keys[:500]] == [
+        owner(k, ["fast", "slow"], weights) for k in keys[:500]
+    ]
+
+
+def test_equal_weights_route_exactly_as_no_weights() -> None:
+    keys = [request_key("t", str(i).encode(), None, None) for i in range(2000)]
+    nodes = ["a", "b", "c"]
+    assert [owner(k, nodes, {"a": 7.0, "b": 7.0, "c": 7.0}) for k in keys] == [
+        owner(k, nodes) for k in keys
+    ]
+
+
+def test_a_weight_change_moves_only_requests_towards_the_node_that_gained() -> None:
+    """Raising one node's weight only moves requests to it, never between the others."""
+    keys = [request_key("t", str(i).encode(), None, None) for i in range(5000)]
+    nodes = ["a", "b", "c"]
+    before = {k: owner(k, nodes, {"a": 1.0, "b": 1.0, "c": 1.0}) for k in keys}
+    after = {k: owner(k, nodes, {"a": 3.0, "b": 1.0, "c": 1.0}) for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert moved and all(after[k] == "a" for k in moved)

@@ -2,8 +2,10 @@
 
 A node is eligible when it is online with known capabilities, runs the model's format,
 has the memory, and matches the spec's constraints. Eligible nodes are ranked by speed:
-cores not already busy (load average), shared by the services already running there, with
-the artifact already cached as a tie-breaker.
+cores not already busy (load average), shared by the services already running there, times
+the node's measured speed relative to the fastest eligible node (the reference workload of
+its capabilities; within 20% counts as equal), with the artifact already cached as a
+tie-breaker.
 """
 
 from __future__ import annotations
@@ -45,14 +47,27 @@ def why_not(spec: m.ServiceSpec, rec: NodeRecord) -> str | None:
     return None
 
 
-def score(spec: m.ServiceSpec, rec: NodeRecord) -> float:
-    """Higher is better. Free cores dominate; the rest break ties."""
+SAME_SPEED = 0.8  # nodes within this ratio of the fastest one's speed count as equally fast
+
+
+def speed_factor(rec: NodeRecord, fastest: float | None) -> float:
+    """The node's speed relative to the fastest eligible one: 1.0, or less when it is
+    clearly slower (its reference workload took over 1/SAME_SPEED times as long)."""
+    own = rec.caps.speed_ms if rec.caps else None
+    if fastest is None or not own:
+        return 1.0
+    ratio = fastest / own
+    return 1.0 if ratio > SAME_SPEED else ratio
+
+
+def score(spec: m.ServiceSpec, rec: NodeRecord, fastest: float | None = None) -> float:
+    """Higher is better. Free cores times relative speed dominate; the rest break ties."""
     assert rec.caps is not None
     cores = rec.caps.host.cores
     load = rec.heartbeat.load[0] if rec.heartbeat else 0.0
     free = max(cores - load, 0.25)
     services = len(rec.heartbeat.services) if rec.heartbeat else 0
-    value = free / (1 + services)
+    value = free / (1 + services) * speed_factor(rec, fastest)
     if spec.artifact and spec.artifact in rec.caps.models:
         value += 0.1  # no download
     return value
@@ -75,16 +90,18 @@ def place(
     it already has a replica, or failed to deploy this spec), and one in `avoid` (it runs
     another stage of the same pipeline) only when no other node can."""
     refused: dict[str, str] = {}
-    ranked: list[tuple[float, str]] = []
+    eligible: list[str] = []
     for node_id in sorted(nodes):
         if node_id in exclude:
             refused[node_id] = exclude[node_id]
             continue
-        rec = nodes[node_id]
-        reason = why_not(spec, rec)
+        reason = why_not(spec, nodes[node_id])
         if reason is None:
-            ranked.append((score(spec, rec), node_id))
+            eligible.append(node_id)
         else:
             refused[node_id] = reason
+    speeds = [s for n in eligible if (caps := nodes[n].caps) and (s := caps.speed_ms)]
+    fastest = min(speeds) if speeds else None
+    ranked = [(score(spec, nodes[n], fastest), n) for n in eligible]
     ranked.sort(key=lambda pair: (pair[1] in avoid, -pair[0], pair[1]))
     return Placement([node for _, node in ranked[:count]], refused)

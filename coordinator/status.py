@@ -129,6 +129,8 @@ def _where(r: dict[str, Any]) -> str:
         text = f"[{r['stage']}] {text}"
     if r.get("inference_ms") is not None:
         text += f" {r['inference_ms']:.1f} ms"
+    if r.get("rate"):
+        text += f" {r['rate']:.0f}/s"
     return text
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from mqinfer.client import Connection, Message, MQTTError, NotConnected, Outgoing, Will
 from node import sysinfo
 from node.artifacts import ArtifactStore, default_cache_dir
-from node.capabilities import Probe, capabilities
+from node.capabilities import Probe, capabilities, reference_ms
 from node.commands import CommandHandler
 from node.runtimes import Backend
 from node.serving import DEFAULT_MAX_REQUEST_BYTES, Replica
@@ -37,6 +37,8 @@ class NodeAgent:
         cache_dir: Path | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         fetch_timeout: float = 120.0,
+        max_workers: int | None = None,
+        artificial_slowdown: float = 1.0,
     ) -> None:
         self.node_id = node_id
         self.name = f"node {node_id}"
@@ -57,6 +59,9 @@ class NodeAgent:
         self.store = ArtifactStore(cache_dir or default_cache_dir(node_id), topics)
         self.max_request_bytes = max_request_bytes
         self.fetch_timeout = fetch_timeout
+        self.max_workers = max_workers
+        self.artificial_slowdown = artificial_slowdown
+        self.speed_ms = reference_ms()
         self.replicas: dict[str, Replica] = {}  # by slot: 'name', or 'name:k' for a stage
         self.provision_lock = threading.Lock()  # one deploy/undeploy at a time
         self.commands = CommandHandler(self)
@@ -130,6 +135,12 @@ class NodeAgent:
         """Publish the retained caps; `wait` for the PUBACK only off the network thread."""
         caps = capabilities(
             self.node_id, self._session, self.probe, self.host, self.labels, self.store.cached()
+        ).model_copy(
+            update={
+                "speed_ms": round(self.speed_ms * self.artificial_slowdown, 3),
+                "max_workers": self.max_workers,
+                "artificial_slowdown": self.artificial_slowdown,
+            }
         )
         self._retain(conn, self.topics.node_caps(self.node_id), caps, wait)
 

@@ -195,3 +195,19 @@ def capabilities(
         labels=dict(labels or {}),
         absent=dict(probe.absent),
     )
+
+
+def reference_ms(repeats: int = 5) -> float:
+    """Run time (ms, best of `repeats`) of a fixed single-threaded numeric workload: a
+    relative measure of this machine's speed for placement, taken once at start."""
+    import numpy as np
+
+    x = np.linspace(0.0, 1.0, 200_000, dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        y = x
+        for _ in range(4):
+            y = np.sin(y) * np.float32(0.5) + x
+        best = min(best, time.perf_counter() - start)
+    return best * 1000

@@ -57,6 +57,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="largest inference request accepted, in MB; bigger ones get a too_large "
         "error (env MQINFER_MAX_REQUEST_MB; default %(default)s)",
     )
+    p.add_argument(
+        "--max-workers",
+        type=int,
+        default=int(options.env("MAX_WORKERS", "0")) or None,
+        help="run at most this many worker threads (interpreters) per replica, whatever "
+        "the service asks (env MQINFER_MAX_WORKERS; default: as the service asks)",
+    )
+    p.add_argument(
+        "--artificial-slowdown",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="FOR EXPERIMENTS ONLY: make every model run FACTOR times slower (it sleeps "
+        "after each run), to try heterogeneous pools on one machine; announced as "
+        "artificial_slowdown, never as hardware (default 1: off)",
+    )
     options.add_common(p)
     p.set_defaults(func=run, parser=p)
 
@@ -78,6 +94,16 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.max_request_mb <= 0:
         args.parser.error("--max-request-mb: expected a number > 0")
+    if args.max_workers is not None and args.max_workers < 1:
+        args.parser.error("--max-workers: expected 1 or more")
+    if not 1 <= args.artificial_slowdown <= 100:
+        args.parser.error("--artificial-slowdown: expected a factor from 1 to 100")
+    if args.artificial_slowdown > 1:
+        log.warning(
+            "node %s: artificial slowdown x%g (for experiments only)",
+            node_id,
+            args.artificial_slowdown,
+        )
     backends = available_backends()
     agent = NodeAgent(
         node_id,
@@ -89,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         backends=backends,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+        max_workers=args.max_workers,
+        artificial_slowdown=args.artificial_slowdown,
     )
     stop = options.stop_on_signals()
     return session.run(agent, url, stop, protocol=args.mqtt_version)

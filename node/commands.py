@@ -63,6 +63,8 @@ def _deploy(agent: NodeAgent, conn: Connection, cmd: m.Command) -> dict[str, Any
             send=agent.send,
             max_request_bytes=agent.max_request_bytes,
             stage=stage,
+            max_workers=agent.max_workers,
+            artificial_slowdown=agent.artificial_slowdown,
         )
         detail = replica.load()
         agent.replicas[slot] = replica
@@ -130,7 +132,26 @@ def _spec(cmd: m.Command) -> m.ServiceSpec:
         raise ProtocolError(Code.BAD_MESSAGE, f"deploy args.spec.{where}: {first['msg']}") from None
 
 
-OPS: dict[str, Handler] = {"ping": _ping, "announce": _announce}
+def _artificial_slowdown(agent: NodeAgent, conn: Connection, cmd: m.Command) -> dict[str, Any]:
+    """For experiments only: make every model run on this node `factor` times slower from
+    now on (1 restores full speed). Announced as `artificial_slowdown`, never as hardware."""
+    factor = cmd.args.get("factor")
+    if not isinstance(factor, int | float) or isinstance(factor, bool) or not 1 <= factor <= 100:
+        raise ProtocolError(
+            Code.BAD_MESSAGE, f"args.factor must be a number from 1 to 100, not {factor!r}"
+        )
+    agent.artificial_slowdown = float(factor)
+    for replica in list(agent.replicas.values()):
+        replica.artificial_slowdown = float(factor)
+    agent.announce(conn, wait=False)
+    return {"artificial_slowdown": float(factor)}
+
+
+OPS: dict[str, Handler] = {
+    "ping": _ping,
+    "announce": _announce,
+    "artificial_slowdown": _artificial_slowdown,
+}
 # Slow operations wait on the broker and on the runtime: each runs on its own thread and
 # answers from there.
 SLOW_OPS: dict[str, Handler] = {"deploy": _deploy, "undeploy": _undeploy}

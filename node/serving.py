@@ -77,6 +77,8 @@ class Replica:
         send: Send,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         stage: int | None = None,
+        max_workers: int | None = None,
+        artificial_slowdown: float = 1.0,
     ) -> None:
         self.node_id = node_id
         self.spec = spec
@@ -96,6 +98,12 @@ class Replica:
         self.ready: list[str] = []  # ready replicas per the last status the broker delivered
         self.listed: list[str] = []  # every replica that status lists, in any state
         self.missing: list[int] = []  # pipeline stages with no ready replica, per that status
+        self.weights: dict[str, float] = {}  # routing weights of the ready replicas
+        self.workers = min(spec.workers, max_workers or spec.workers)
+        # For experiments only: every model run is followed by a sleep of (factor - 1) times
+        # its duration, so this node behaves that many times slower.
+        self.artificial_slowdown = artificial_slowdown
+        self._rate_mark = (time.monotonic(), 0)  # (when, served) at the last heartbeat
         self.served = 0
         self.inference_ms: float | None = None  # running means, reported in heartbeats
         self.queue_ms: float | None = None
@@ -115,14 +123,14 @@ class Replica:
         """Load one model per worker and warm each up; raise ProtocolError(LOAD_FAILED)."""
         t0 = time.perf_counter()
         try:
-            for _ in range(self.spec.workers):
+            for _ in range(self.workers):
                 self._models.append(self.backend.load(str(self.path), self.spec.threads))
             t1 = time.perf_counter()
             for model in self._models:
                 warm_up(model)
             t2 = time.perf_counter()
             warm_up(self._models[0])  # a second, warm run: the first cost estimate
-            self.inference_ms = (time.perf_counter() - t2) * 1000
+            self.inference_ms = (time.perf_counter() - t2) * 1000 * self.artificial_slowdown
             first = self._models[0]
             self._outputs = self._output_order(first.outputs)
         except RuntimeFailure as e:
@@ -204,8 +212,17 @@ class Replica:
         def r(v: float | None) -> float | None:
             return None if v is None else round(v, 3)
 
+        now = time.monotonic()
+        with self._lock:
+            (then, before), served = self._rate_mark, self.served
+            self._rate_mark = (now, served)
+        rate = (served - before) / (now - then) if now > then else None
         return m.ReplicaStats(
-            served=self.served, inference_ms=r(self.inference_ms), queue_ms=r(self.queue_ms)
+            served=served,
+            inference_ms=r(self.inference_ms),
+            queue_ms=r(self.queue_ms),
+            workers=self.workers,
+            rate=r(rate),
         )
 
     # ---- incoming (network thread) ----------------------------------------------------
@@ -217,7 +234,7 @@ class Replica:
         )
         job = Job(message, ref, key, now, now + self.spec.deadline_ms / 1000)
         with self._lock:
-            mine = owner(key, self.ready)
+            mine = owner(key, self.ready, self.weights)
             log.debug(
                 "%s: request %s on %s: owner %s of %s",
                 self.slot,
@@ -243,7 +260,7 @@ class Replica:
         now = time.monotonic()
         key = request_key(message.topic, message.payload, None, None)
         with self._lock:
-            mine = owner(key, self.ready)
+            mine = owner(key, self.ready, self.weights)
         if mine not in (None, self.node_id):
             return
         try:
@@ -262,19 +279,20 @@ class Replica:
         ready = status.ready_nodes(self.stage)
         listed = status.listed_nodes(self.stage)
         missing = [k for k in range(self.stages) if not status.ready_nodes(k)]
+        weights = status.weights(self.stage)
         log.debug("%s: status %s, ready %s, listed %s", self.slot, status.state, ready, listed)
         with self._lock:
             self.missing = missing
-            if ready == self.ready and listed == self.listed:
+            if ready == self.ready and listed == self.listed and weights == self.weights:
                 return
-            self.ready, self.listed = ready, listed
+            self.ready, self.listed, self.weights = ready, listed, weights
             if self.stages:
                 # A pipeline's requests are not served again (the lost head may have passed
                 # them on): one head replica answers those that never finish 'timeout'.
-                self._witness.rehome(ready, listed)
+                self._witness.rehome(ready, listed, weights)
                 mine = []
             else:
-                mine = self._witness.reassign(ready, listed, self.node_id)
+                mine = self._witness.reassign(ready, listed, self.node_id, weights)
         if status.state != "removed" and self.node_id not in listed:
             # Given up on (thought lost): the witnesses re-serve what we had queued.
             self._drain()
@@ -347,7 +365,7 @@ class Replica:
         self._serve_orphans(now)
         with self._lock:
             late = self._witness.expire(now)
-            listed, ready = self.listed, self.ready
+            listed, ready, weights = self.listed, self.ready, self.weights
         for entry in late:
             if entry.owner is None:
                 continue  # came while no replica was ready: the coordinator answered it
@@ -358,7 +376,7 @@ class Replica:
                 others = [n for n in ready if n != entry.owner] or [
                     n for n in listed if n != entry.owner
                 ]
-                answers = owner(entry.key, others) == self.node_id
+                answers = owner(entry.key, others, weights) == self.node_id
                 detail = f"no answer from {entry.owner}"
             if answers:
                 self._fail(
@@ -456,6 +474,9 @@ class Replica:
             t1 = time.monotonic()
             outputs = model.run(arrays)
             t2 = time.monotonic()
+            if self.artificial_slowdown > 1:
+                time.sleep((self.artificial_slowdown - 1) * (t2 - t1))
+                t2 = time.monotonic()
         except ProtocolError as e:
             self._answer(route, self._error(route.request_id, e.code, e.message))
             return

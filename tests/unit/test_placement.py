@@ -39,6 +39,7 @@ def node(
     services: tuple[str, ...] = (),
     heartbeat: bool = True,
     caps: bool = True,
+    speed_ms: float | None = None,
 ) -> NodeRecord:
     host = m.Host(
         hostname=node_id,
@@ -60,6 +61,7 @@ def node(
         formats=list(formats),
         models=list(models),
         labels=labels or {},
+        speed_ms=speed_ms,
     )
     beat = m.Heartbeat(
         node=node_id,
@@ -182,3 +184,16 @@ def test_count_is_respected() -> None:
         assert len(found.chosen) == min(count, 5)
         assert len(set(found.chosen)) == len(found.chosen)
         assert found.refused == {}
+
+
+def test_the_fastest_nodes_win_and_small_speed_differences_do_not_count() -> None:
+    """A node whose reference workload takes 4x as long loses to the faster ones; within
+    20% of the fastest, nodes count as equally fast (ties go by cores, then id)."""
+    nodes = {
+        "slow": node("slow", speed_ms=12.0),
+        "fast": node("fast", speed_ms=3.0),
+        "noisy": node("noisy", speed_ms=3.5),
+        "unknown": node("unknown"),
+    }
+    assert place(spec(), nodes, 4, {}).chosen == ["fast", "noisy", "unknown", "slow"]
+    assert place(spec(), nodes, 1, {"fast": "has a replica"}).chosen == ["noisy"]

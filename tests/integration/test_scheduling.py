@@ -1,0 +1,108 @@
+"""Heterogeneous nodes: placement by measured speed, and requests routed by measured
+capacity, adapting when a node slows down. The slow nodes are made slow with the node's
+--artificial-slowdown option (for experiments only), so the speed differences are real
+ones in the model runs, not in anything the routing reads directly.
+
+Ids in brackets are the MUSTs of topics.md that a test checks.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from protocol.topics import Topics
+from tests.integration.harness import Broker, InProcessCoordinator, Observer, Procs, wait_for
+from tests.integration.requests import REPO, Requester, deploy
+
+MOBILENET = REPO / "models" / "mobilenet_v2" / "mobilenet_v2_int8.tflite"
+DIGITS = REPO / "models" / "digits" / "digits_int8.tflite"
+
+
+def served_by(req: Requester, prefix: str, count: int, tag: str) -> Counter[str]:
+    """Send `count` MobileNetV2 frames, 8 in flight; how many each node answered."""
+    rng = np.random.default_rng(len(tag))
+    frames = {
+        f"{tag}{i}": rng.integers(0, 256, 224 * 224 * 3, np.uint8).tobytes() for i in range(count)
+    }
+    results = req.run(frames, window=8, timeout=120)
+    failed = [r for r in results.values() if not r["ok"]]
+    assert not failed, failed[0]
+    return Counter(str(r["node"]) for r in results.values())
+
+
+def weights(obs: Observer, prefix: str, service: str) -> dict[str, float]:
+    st = obs.json(Topics(prefix).service_status(service)) or {}
+    return {r["node"]: r["weight"] for r in st.get("replicas", []) if r.get("weight")}
+
+
+def command(broker: Broker, prefix: str, node: str, op: str, **args: Any) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        payload = f'{{"v":1,"id":"x1","op":"{op}","args":{_json(args)}}}'
+        client.publish(Topics(prefix).node_cmd(node), payload, qos=1).wait_for_publish(10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def _json(args: dict[str, Any]) -> str:
+    import orjson
+
+    return orjson.dumps(args).decode()
+
+
+def test_the_fastest_node_gets_the_replica(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
+) -> None:
+    """With more compatible nodes than replicas, the fastest wins. The slowdown is
+    announced as what it is, never as an accelerator."""
+    procs.node(broker, prefix, "n1", "--artificial-slowdown", "4")
+    procs.node(broker, prefix, "n2")
+    procs.node(broker, prefix, "n3", "--artificial-slowdown", "4")
+    wait_for(lambda: all(coordinator.state(n) == "online" for n in ("n1", "n2", "n3")), "online")
+    t = Topics(prefix)
+    caps = {n: observer.json(t.node_caps(n)) for n in ("n1", "n2", "n3")}
+    assert all(c is not None for c in caps.values())
+    assert caps["n1"]["artificial_slowdown"] == 4.0 and caps["n2"]["artificial_slowdown"] == 1.0  # type: ignore[index]
+    assert all([a["kind"] for a in c["accelerators"]] == ["cpu"] for c in caps.values())  # type: ignore[index]
+    deploy(broker, prefix, "--model", str(DIGITS), "--name", "d")
+    st = observer.json(t.service_status("d"))
+    assert st is not None and [r["node"] for r in st["replicas"]] == ["n2"]
+
+
+def test_a_fast_node_serves_more_and_a_node_that_slows_down_gets_less(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
+) -> None:
+    """[T-SERVE-5] two replicas, one node 4x slower: requests go by measured capacity, so
+    the fast node answers most. When the fast node slows down to 8x, its measured
+    capacity drops, the weights follow, and it gets fewer than the other."""
+    procs.node(broker, prefix, "fast")
+    procs.node(broker, prefix, "slow", "--artificial-slowdown", "4")
+    wait_for(lambda: all(coordinator.state(n) == "online" for n in ("fast", "slow")), "online")
+    deploy(broker, prefix, "--model", str(MOBILENET), "--name", "mnv2", "--replicas", "2")
+    wait_for(lambda: len(weights(observer, prefix, "mnv2")) == 2, "routing weights")
+    req = Requester(broker, prefix, "mnv2")
+    try:
+        first = served_by(req, prefix, 150, "a")
+        assert first["fast"] > 2 * first["slow"], first
+        assert first["slow"] > 0, first  # the slow node still takes its share
+
+        command(broker, prefix, "fast", "artificial_slowdown", factor=8)
+        served_by(req, prefix, 60, "b")  # the nodes measure the new speed as they serve
+
+        def flipped() -> bool:
+            w = weights(observer, prefix, "mnv2")
+            return len(w) == 2 and w["fast"] < w["slow"]
+
+        wait_for(flipped, "the weights to follow the slowdown", timeout=30)
+        second = served_by(req, prefix, 150, "c")
+        assert second["slow"] > second["fast"], second
+    finally:
+        req.close()

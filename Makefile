@@ -31,8 +31,14 @@ test: check
 	$(BIN)/python -m pytest
 
 # Benchmarks: each against its baseline in the same run; figures go to bench/RESULTS.md.
-bench: $(STAMP)
-	$(BIN)/python -m bench.pipeline
+BENCH_STAMP = $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -352,7 +352,7 @@ def _weigh(svc: Service, registry: Registry) -> None:
     until it moves by more than WEIGHT_CHANGE (so noise does not republish the status).
     With one ready replica there is nothing to weigh."""
     ready = [r for r in svc.replicas.values() if r.state == "ready"]
-    if len(ready) < 2:
+    if len(ready) < 2 or (svc.spec is not None and svc.spec.routing == "even"):
         for rep in svc.replicas.values():
             rep.weight = None
         return

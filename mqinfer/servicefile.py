@@ -12,6 +12,7 @@
     queue: 32                    # optional: queued requests per replica before 'busy'
     segments: 2                  # optional: split the model into a pipeline of 2-8 stages
     max_segment_mb: 4            # optional (with segments): largest segment file
+    routing: measured            # optional: share requests by measured capacity, or 'even'
 
 `model` may also name a pipeline manifest written by `mqinfer split`
 (``m.pipeline.json``): its segments are deployed as they are.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import orjson
 import yaml
@@ -54,6 +56,9 @@ class ServiceFile(BaseModel):
         0, ge=0, le=8, description="Split into this many pipeline stages (0 or 1: whole model)"
     )
     max_segment_mb: float | None = Field(None, gt=0, description="Largest segment file")
+    routing: Literal["measured", "even"] = Field(
+        "measured", description="Share requests by measured capacity, or evenly"
+    )
 
     @field_validator("name")
     @classmethod
@@ -198,6 +203,7 @@ def service_spec(
         workers=spec.workers,
         threads=spec.threads,
         queue=spec.queue,
+        routing=spec.routing,
         manifest=model.manifest,
         revision=revision,
     )

@@ -211,6 +211,10 @@ class ServiceSpec(Wire):
     queue: int = Field(32, ge=1, le=100_000, description="Queued requests per replica")
     manifest: Manifest | None = Field(None, description="Inputs, preprocessing and labels")
     revision: str = Field("", description="Set by each deploy; echoed in the status")
+    routing: Literal["measured", "even"] = Field(
+        "measured",
+        description="How requests are shared among replicas: by measured capacity, or evenly",
+    )
     pipeline: Pipeline | None = Field(
         None,
         description="A split model: each segment is a stage placed on its own node, chained "

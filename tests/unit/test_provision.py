@@ -632,3 +632,11 @@ def test_no_weights_until_every_ready_replica_is_measured_or_with_one_replica() 
     p2, _ = deployed(reg2, spec(replicas=1))
     measured(reg2, "n1", NAME, 2.0)
     assert p2.step(reg2, 3.0) == []
+
+
+def test_even_routing_publishes_no_weights() -> None:
+    reg = registry("n1", "n2")
+    p, _ = deployed(reg, spec(routing="even"))
+    measured(reg, "n1", NAME, 2.0)
+    measured(reg, "n2", NAME, 8.0)
+    assert p.step(reg, 3.0) == []

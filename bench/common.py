@@ -119,7 +119,7 @@ class Load:
         self.lock = threading.Condition()
         self.sent: dict[str, float] = {}
         self.latency: dict[str, float] = {}
-        self.bodies: dict[str, dict[str, Any]] = {}
+        self.bodies: dict[str, bytes] = {}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
         self.client.on_socket_open = _nodelay
         self.client.on_message = self._on_message
@@ -137,30 +137,39 @@ class Load:
         with self.lock:
             if rid in self.sent and rid not in self.latency:
                 self.latency[rid] = now - self.sent[rid]
-                self.bodies[rid] = orjson.loads(msg.payload)
+                self.bodies[rid] = msg.payload
                 self.lock.notify_all()
 
-    def run(self, payload: bytes, count: int, window: int) -> Run:
-        """Send `count` requests, at most `window` unanswered at a time."""
+    def run(self, payload: bytes, count: int, window: int, results: bool = True) -> Run:
+        """Send `count` requests; each waits until at most `window` are unanswered (0: one
+        at a time)."""
         ids = []
         start = time.perf_counter()
+        unanswered: list[str] = []
         for _ in range(count):
             rid = f"r{self._n}"
             self._n += 1
-            ids.append(rid)
             with self.lock:
-                while sum(1 for i in ids if i not in self.latency) > window:
+                while True:
+                    unanswered = [i for i in unanswered if i not in self.latency]
+                    if len(unanswered) <= window:
+                        break
                     if not self.lock.wait(30):
                         raise TimeoutError("no result for 30 s")
                 self.sent[rid] = time.perf_counter()
+            ids.append(rid)
+            unanswered.append(rid)
             self.client.publish(self.topics.service_request(self.service, rid), payload, qos=1)
         with self.lock:
             while not all(i in self.latency for i in ids):
                 if not self.lock.wait(30):
                     raise TimeoutError("no result for 30 s")
             elapsed = time.perf_counter() - start
-            bodies = [self.bodies[i] for i in ids]
+            raw = [self.bodies[i] for i in ids]
             lat = [self.latency[i] for i in ids]
+        if not results:  # an echo: the payload comes back as it went
+            return Run(count / elapsed, lat, [])
+        bodies = [orjson.loads(b) for b in raw]
         errors = [b["error"] for b in bodies if not b["ok"]]
         if errors:
             raise RuntimeError(f"{len(errors)} errors, e.g. {errors[0]}")
@@ -194,3 +203,51 @@ def spread(values: list[float]) -> str:
 
 def until(predicate: Callable[[], Any], what: str, timeout: float = 120) -> Any:
     return wait_for(predicate, what, timeout)
+
+
+# ---- the round-trip floor: a bare paho echo through the same broker ------------------------
+
+
+def _echo(port: int, request: str, reply_base: str, ready: Any) -> None:
+    """Republish every message on `request`/+ to `reply_base`/{id}, QoS 1 (a process)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.on_socket_open = _nodelay
+
+    def on_message(c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        c.publish(f"{reply_base}/{msg.topic.rsplit('/', 1)[1]}", msg.payload, qos=1)
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: ready.set()
+    client.connect("127.0.0.1", port)
+    client.subscribe(request + "/+", qos=1)
+    client.loop_forever()
+
+
+class Echo:
+    """A paho client in its own process that answers like a replica with no model: what
+    the broker and two clients cost, the floor under any request/result round trip."""
+
+    def __init__(self, broker: Broker, prefix: str, service: str = "echo") -> None:
+        import multiprocessing
+
+        topics = Topics(prefix)
+        ready = multiprocessing.Event()
+        self.proc = multiprocessing.Process(
+            target=_echo,
+            args=(
+                broker.port,
+                topics.service_request(service),
+                topics.service_result(service),
+                ready,
+            ),
+            daemon=True,
+        )
+        self.proc.start()
+        if not ready.wait(10):
+            raise RuntimeError("echo: no SUBACK")
+        self.load = Load(broker, prefix, service)
+
+    def close(self) -> None:
+        self.load.close()
+        self.proc.terminate()
+        self.proc.join(5)

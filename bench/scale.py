@@ -1,0 +1,883 @@
+"""Scale benchmark: one coordinator and `--nodes` simulated nodes (default 1000) on Mosquitto.
+
+    python -m bench.scale [--nodes 1000] [--seconds 20] [--no-save]
+
+The coordinator is a real `mqinfer coordinator` process. The nodes are simulated: each has
+its own MQTT connection, client id, session and Will, and publishes what node/agent.py
+publishes (retained caps and `online`, then a retained QoS 0 heartbeat every second), built
+from the protocol's own models and topic builders. A few worker processes each drive a few
+hundred paho clients from one selector loop, so a thousand nodes fit on a small machine.
+
+Measured:
+- how long the coordinator takes to register every node as online, from the first
+  connect (read from the coordinator's own log: `node X: unknown -> online`);
+- the coordinator's CPU with every node heartbeating at 1 Hz, per 1000 heartbeats/s,
+  beside the in-process cost of reading one heartbeat (decode + registry);
+- placement on a registry of that size: `place()` and a full `Provisioner.step`.
+
+There is no baseline to compare with: the figures are absolute, measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import heapq
+import multiprocessing as mp
+import queue
+import random
+import re
+import resource
+import selectors
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import psutil
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from bench.common import REPO, Cluster, Report, machine, spread
+from coordinator.agent import read
+from coordinator.placement import place
+from coordinator.provision import Provisioner, SendCommand
+from coordinator.registry import Registry
+from mqinfer.client import Message
+from mqinfer.session import SessionCounter
+from node import sysinfo
+from node.capabilities import Probe, capabilities, probe_host, probe_runtimes, reference_ms
+from protocol import codec
+from protocol import messages as m
+from protocol.errors import Code, ProtocolError
+from protocol.topics import Kind, Topics
+from tests.integration.harness import mosquitto_binary
+
+MODEL = REPO / "models" / "digits" / "digits_int8.tflite"  # the spec placed in-process
+INTERVAL = 1.0  # heartbeat interval of the simulated nodes (s)
+KEEPALIVE = 30  # as mqinfer.session.run
+HANDSHAKES = 50  # connections per simulator waiting for their CONNACK at most
+SETTLE = 2.0  # seconds between the last node online and the CPU window
+ONLINE_LIMIT = 60.0  # seconds for every node to be registered (a limit, not a goal)
+PLACE_RUNS = 50
+ANSWERED = ("ping", "announce")
+
+
+# ---- what a simulated node publishes ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kit:
+    """What every simulated node shares (probed once, sent to the simulator processes)."""
+
+    prefix: str
+    port: int
+    probe: Probe
+    host: m.Host
+    speed_ms: float
+
+
+def node_caps(
+    kit: Kit, node: str, session: int, cores: int | None = None, models: list[str] | None = None
+) -> m.Capabilities:
+    """The caps NodeAgent.announce builds, for a node on a host like this one."""
+    host = kit.host.model_copy(update={"hostname": node, "cores": cores or kit.host.cores})
+    caps = capabilities(node, session, kit.probe, host, {}, models or [])
+    return caps.model_copy(
+        update={
+            "speed_ms": round(kit.speed_ms, 3),
+            "max_workers": None,
+            "artificial_slowdown": 1.0,
+        }
+    )
+
+
+def node_beat(
+    node: str,
+    session: int,
+    seq: int,
+    uptime: float,
+    load: tuple[float, float, float],
+    memory_mb: int,
+) -> m.Heartbeat:
+    """A heartbeat of a node that runs no replica (NodeAgent.tick)."""
+    return m.Heartbeat(
+        node=node,
+        session=session,
+        seq=seq,
+        ts=time.time(),
+        interval=INTERVAL,
+        uptime=round(uptime, 3),
+        load=load,
+        memory_available_mb=memory_mb,
+        inflight=0,
+        services={},
+        stats={},
+    )
+
+
+def node_ids(count: int) -> list[str]:
+    width = len(str(count - 1))
+    return [f"sim{i:0{width}d}" for i in range(count)]
+
+
+# ---- the simulator: many nodes, one selector loop per process ------------------------------
+
+
+class SimNode:
+    """One node's session on its own paho client, driven by the simulator's selector loop."""
+
+    def __init__(self, sim: Simulator, index: int, node_id: str) -> None:
+        self.sim = sim
+        self.index = index
+        self.id = node_id
+        topics = sim.topics
+        self.t_caps = topics.node_caps(node_id)
+        self.t_state = topics.node_state(node_id)
+        self.t_beat = topics.node_heartbeat(node_id)
+        self.t_cmd = topics.node_cmd(node_id)
+        self.t_reply = topics.node_reply(node_id)
+        self.client: mqtt.Client | None = None
+        self.session = 0
+        self.seq = 0
+        self.started = 0.0
+        self.connected = False  # CONNACK received
+        self.born = False  # caps acknowledged, `online` out
+        self.stopping = False
+        self.writing = False  # registered for EVENT_WRITE
+        self.caps_mid = -1
+        self.offline_mid = -1
+
+    # -- connection ---------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """A new session: its own client id and Will, as NodeAgent does on every connect."""
+        self.session = self.sim.sessions.next()
+        self.started = time.monotonic()
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"mqinfer-node-{self.id}-{self.session:x}",
+            protocol=mqtt.MQTTv5,
+        )
+        lost = m.NodeState(node=self.id, state="lost", session=self.session, by="will")
+        client.will_set(self.t_state, codec.encode(lost), qos=1, retain=True)
+        client.on_socket_open = self._opened
+        client.on_socket_close = self._closed
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_disconnect = self._on_disconnect
+        client.max_inflight_messages_set(100)
+        client.max_queued_messages_set(0)
+        self.client = client
+        client.connect("127.0.0.1", self.sim.kit.port, keepalive=KEEPALIVE)
+        self.flush()
+
+    def _opened(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.writing = False
+        self.sim.selector.register(sock, selectors.EVENT_READ, self)
+
+    def _closed(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.sim.selector.unregister(sock)
+
+    @property
+    def alive(self) -> bool:
+        return self.client is not None and self.client.socket() is not None
+
+    def flush(self) -> None:
+        """Write what paho queued (publishes from inside its callbacks wait for this), and
+        watch the socket for writability only while something is left over."""
+        client = self.client
+        if client is None or client.socket() is None:
+            return
+        if client.want_write():
+            client.loop_write()
+        sock = client.socket()
+        want = client.want_write()
+        if sock is not None and want != self.writing:
+            self.writing = want
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            with contextlib.suppress(KeyError, ValueError):
+                self.sim.selector.modify(sock, events, self)
+
+    # -- the node's protocol ------------------------------------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        if rc.is_failure:
+            self.sim.failure(f"{self.id}: CONNACK {rc.getName()}")
+            return
+        self.connected = True
+        self.sim.stats.last_connack = time.time()
+        # [T-CMD-1] subscribe before birth; the own state topic to re-assert a stale 'lost'.
+        client.subscribe([(self.t_cmd, 1), (self.t_state, 1)])
+
+    def _on_subscribe(
+        self, client: mqtt.Client, _u: Any, _mid: int, _codes: list[ReasonCode], _p: Any
+    ) -> None:
+        if self.caps_mid >= 0:
+            return
+        caps = node_caps(self.sim.kit, self.id, self.session)
+        self.caps_mid = client.publish(self.t_caps, codec.encode(caps), qos=1, retain=True).mid
+
+    def _on_publish(
+        self, _c: mqtt.Client, _u: Any, mid: int, _rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        if mid == self.caps_mid and not self.born:
+            # The agent waits for the PUBACK of its caps, then says 'online', then beats.
+            self.publish_state("online")
+            self.born = True
+            self.sim.born(self)
+        elif mid == self.offline_mid:
+            self.offline_mid = -1
+
+    def publish_state(self, state: m.NodeStateName) -> int:
+        assert self.client is not None
+        msg = m.NodeState(node=self.id, state=state, session=self.session, ts=time.time())
+        return self.client.publish(self.t_state, codec.encode(msg), qos=1, retain=True).mid
+
+    def beat(self) -> bool:
+        client = self.client
+        if client is None or not self.born or self.stopping:
+            return False
+        sim = self.sim
+        beat = node_beat(
+            self.id,
+            self.session,
+            self.seq,
+            time.monotonic() - self.started,
+            sim.load,
+            sim.memory_mb,
+        )
+        self.seq += 1
+        info = client.publish(self.t_beat, codec.encode(beat), qos=0, retain=True)
+        if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            sim.published.value += 1
+        self.flush()
+        return True
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            kind = self.sim.topics.parse(msg.topic).kind
+        except ValueError:
+            return
+        if kind is Kind.NODE_CMD:
+            self._command(msg.payload)
+        elif kind is Kind.NODE_STATE:
+            self._own_state(msg.payload)
+
+    def _command(self, payload: bytes) -> None:
+        """[T-CMD-2] one reply per command: ping and announce are answered as the agent
+        answers them; a simulated node cannot load models, so anything else is refused."""
+        assert self.client is not None
+        cmd_id: str | None = None
+        try:
+            cmd = codec.decode_as(m.Command, payload)
+            cmd_id = cmd.id
+            self.sim.stats.commands[cmd.op] += 1
+            if cmd.op == "ping":
+                result: dict[str, Any] = {"pong": time.time(), "session": self.session}
+            elif cmd.op == "announce":
+                caps = node_caps(self.sim.kit, self.id, self.session)
+                self.client.publish(self.t_caps, codec.encode(caps), qos=1, retain=True)
+                self.publish_state("online")
+                result = {"session": self.session}
+            else:
+                raise ProtocolError(
+                    Code.UNKNOWN_COMMAND,
+                    f"unknown op {cmd.op!r}; this simulated node accepts {list(ANSWERED)}",
+                )
+            reply = m.CommandReply(node=self.id, id=cmd.id, ok=True, result=result)
+        except ProtocolError as e:
+            error = m.ErrorInfo(code=e.code, message=e.message)
+            reply = m.CommandReply(node=self.id, id=cmd_id, ok=False, error=error)
+        self.client.publish(self.t_reply, codec.encode(reply), qos=1)
+
+    def _own_state(self, payload: bytes) -> None:
+        """[T-STATE-3] re-assert 'online' over a stale or wrong 'lost' (as the agent does)."""
+        if self.stopping or not self.born:
+            return
+        state: m.NodeState | None = None
+        if payload:
+            with contextlib.suppress(ProtocolError):
+                state = codec.decode_as(m.NodeState, payload)
+        if state is not None and (state.state == "online" or state.session > self.session):
+            return
+        self.sim.stats.reasserted += 1
+        self.publish_state("online")
+
+    def _on_disconnect(
+        self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        if not self.stopping:
+            self.sim.failure(f"{self.id}: connection lost ({rc.getName()})")
+            self.sim.stats.dropped += 1
+
+
+@dataclass
+class SimStats:
+    first_connect: float = 0.0  # wall clock
+    last_connack: float = 0.0
+    last_born: float = 0.0
+    born: int = 0
+    dropped: int = 0
+    reasserted: int = 0
+    failures: int = 0
+    first_failure: str = ""
+    commands: Counter[str] = field(default_factory=Counter)
+
+
+class Simulator:
+    """Nodes of one worker process: connects them, then beats and answers until told to stop."""
+
+    def __init__(self, kit: Kit, ids: list[str], published: Synchronized[int]) -> None:
+        self.kit = kit
+        self.topics = Topics(kit.prefix)
+        self.selector = selectors.DefaultSelector()
+        self.sessions = SessionCounter()
+        self.published = published
+        self.stats = SimStats()
+        self.nodes = [SimNode(self, i, node_id) for i, node_id in enumerate(ids)]
+        self.due: list[tuple[float, int]] = []  # heartbeat heap: (monotonic time, node index)
+        self.load = sysinfo.load_average()
+        self.memory_mb = sysinfo.memory_mb()[1]
+        self.rng = random.Random(ids[0] if ids else "")
+
+    def failure(self, what: str) -> None:
+        self.stats.failures += 1
+        if not self.stats.first_failure:
+            self.stats.first_failure = what
+
+    def born(self, node: SimNode) -> None:
+        self.stats.born += 1
+        self.stats.last_born = time.time()
+        node.beat()  # the agent's first tick right after 'online'
+        # Later beats every INTERVAL, each node at its own phase (staggered).
+        heapq.heappush(self.due, (time.monotonic() + self.rng.uniform(0, INTERVAL), node.index))
+
+    def service(self, timeout: float) -> None:
+        for key, mask in self.selector.select(timeout):
+            node: SimNode = key.data
+            client = node.client
+            if client is None:
+                continue
+            if mask & selectors.EVENT_READ:
+                client.loop_read()
+            node.flush()
+
+    def housekeeping(self) -> None:
+        """Once a second: keepalive pings, and the host figures the heartbeats carry."""
+        self.load = sysinfo.load_average()
+        self.memory_mb = sysinfo.memory_mb()[1]
+        for node in self.nodes:
+            if node.client is not None and node.alive:
+                node.client.loop_misc()
+                node.flush()
+
+    def run(self, go: Any, stop: Any, out: Any) -> None:
+        out.put(("ready", None))
+        go.wait()
+        waiting = list(reversed(self.nodes))  # still to connect
+        reported = False
+        self.stats.first_connect = time.time()
+        next_misc = time.monotonic() + 1.0
+        while not stop.is_set():
+            handshaking = sum(1 for n in self.nodes if n.client is not None and not n.connected)
+            while waiting and handshaking < HANDSHAKES:
+                node = waiting.pop()
+                try:
+                    node.connect()
+                except OSError as e:
+                    self.failure(f"{node.id}: connect: {e}")
+                handshaking += 1
+            if (
+                not reported
+                and not waiting
+                and self.stats.born + self.stats.failures >= len(self.nodes)
+            ):
+                out.put(("born", self.stats))
+                reported = True
+            now = time.monotonic()
+            timeout = min(next_misc, self.due[0][0] if self.due else next_misc) - now
+            self.service(0 if waiting else max(0.0, min(timeout, 0.05)))
+            now = time.monotonic()
+            while self.due and self.due[0][0] <= now:
+                when, index = heapq.heappop(self.due)
+                node = self.nodes[index]
+                if node.beat():
+                    later = when + INTERVAL
+                    heapq.heappush(self.due, (later if later > now else now + INTERVAL, index))
+            if now >= next_misc:
+                next_misc = now + 1.0
+                self.housekeeping()
+        self.shutdown()
+        out.put(("done", self.stats))
+
+    def shutdown(self) -> None:
+        """[T-STATE-2] a clean stop: retained 'offline' for each session, then DISCONNECT."""
+        for node in self.nodes:
+            node.stopping = True
+            if node.alive and node.born:
+                node.offline_mid = node.publish_state("offline")
+                node.flush()
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(n.offline_mid >= 0 for n in self.nodes):
+            self.service(0.05)
+        for node in self.nodes:
+            if node.client is not None and node.alive:
+                node.client.disconnect()
+                node.flush()
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(n.alive for n in self.nodes):
+            self.service(0.05)
+        self.selector.close()
+
+
+def simulate(
+    kit: Kit, ids: list[str], published: Synchronized[int], go: Any, stop: Any, out: Any
+) -> None:
+    """Entry point of a simulator process."""
+    Simulator(kit, ids, published).run(go, stop, out)
+
+
+# ---- watching the cluster from outside ------------------------------------------------------
+
+_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\S+) (\w+) (.*)$")
+_CHANGE = re.compile(r"^node (\S+): (\S+) -> (\S+) ")
+
+
+class CoordinatorLog:
+    """Reads the coordinator's log as it grows: when each node became online, lost nodes,
+    warnings. Times are the log's own (wall clock, millisecond resolution)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.rest = b""
+        self.online: dict[str, float] = {}  # node -> first time it went online
+        self.lost: set[str] = set()
+        self.warnings = 0
+        self.first_warning = ""
+
+    def poll(self) -> None:
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        self.offset += len(data)
+        *lines, self.rest = (self.rest + data).split(b"\n")
+        for raw in lines:
+            line = _LINE.match(raw.decode(errors="replace"))
+            if line is None:
+                continue
+            stamp, _name, level, text = line.groups()
+            if level in ("WARNING", "ERROR", "CRITICAL"):
+                self.warnings += 1
+                self.first_warning = self.first_warning or text
+            change = _CHANGE.match(text)
+            if change is None:
+                continue
+            node, _old, new = change.groups()
+            if new == "online" and node not in self.online:
+                self.online[node] = _wall(stamp)
+            elif new == "lost":
+                self.lost.add(node)
+
+
+def _wall(stamp: str) -> float:
+    """The logging module's asctime (local time) as Unix time."""
+    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+class BeatCounter:
+    """A subscriber like the coordinator: counts the live heartbeats the broker delivers, and
+    tells when the coordinator is online."""
+
+    def __init__(self, port: int, topics: Topics) -> None:
+        self.count = 0
+        self.coordinator_online = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        self.client.on_socket_open = _nodelay
+        self.client.on_message = self._on_message
+        self.state_topic = topics.coordinator_state()
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe([(topics.all_nodes(Kind.NODE_HEARTBEAT), 0), (self.state_topic, 1)])
+        if not subscribed.wait(10):
+            raise RuntimeError("heartbeat counter: no SUBACK")
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.state_topic:
+            with contextlib.suppress(ProtocolError):
+                if codec.decode_as(m.CoordinatorState, msg.payload).state == "online":
+                    self.coordinator_online.set()
+        elif not msg.retain:
+            self.count += 1
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _nodelay(_c: Any, _u: Any, sock: Any) -> None:
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def raise_open_files() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit, before the broker starts (it inherits it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if want > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def mosquitto_version() -> str:
+    binary = mosquitto_binary()
+    if binary is None:
+        return "Mosquitto"
+    out = subprocess.run([binary, "-h"], capture_output=True, text=True)
+    found = re.search(r"version (\S+)", out.stdout + out.stderr)
+    return f"Mosquitto {found.group(1)}" if found else "Mosquitto"
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far."""
+    t = psutil.cpu_times()
+    total = sum(t)
+    return total - t.idle - getattr(t, "iowait", 0.0), total
+
+
+# ---- the in-process placement figures -----------------------------------------------------
+
+
+def build_registry(kit: Kit, ids: list[str], artifact: str) -> tuple[Registry, list[Message]]:
+    """A registry filled the way the coordinator fills it (coordinator.agent.read), from the
+    messages simulated nodes publish; nodes differ in cores, load, speed and cached models."""
+    topics = Topics(kit.prefix)
+    registry = Registry()
+    rng = random.Random(1)
+    now = time.monotonic()
+    beats: list[Message] = []
+    for i, node in enumerate(ids):
+        session = 1_795_000_000_000 + i
+        cores = rng.choice((2, 4, 4, 8))
+        load = round(rng.uniform(0, cores), 2)
+        caps = node_caps(kit, node, session, cores, [artifact] if rng.random() < 0.05 else [])
+        caps = caps.model_copy(update={"speed_ms": round(kit.speed_ms * rng.uniform(0.9, 3), 3)})
+        state = m.NodeState(node=node, state="online", session=session, ts=time.time())
+        beat = node_beat(node, session, 0, 10.0, (load, load, load), 2048)
+        beats.append(Message(topics.node_heartbeat(node), codec.encode(beat), 0, False))
+        for topic, msg in ((topics.node_caps(node), caps), (topics.node_state(node), state)):
+            read(topics, registry, Message(topic, codec.encode(msg), 1, True), now)
+        read(topics, registry, beats[-1], now)
+    return registry, beats
+
+
+def timed(fn: Any, runs: int, warmup: int = 5) -> list[float]:
+    """Milliseconds per call of fn(), `runs` times after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+@dataclass
+class PlacementFigures:
+    place_ms: list[float]
+    step_ms: list[float]
+    tick_ms: list[float]
+    read_us: list[float]
+    chosen: list[str]
+
+
+def placement_figures(kit: Kit, count: int) -> PlacementFigures:
+    data = MODEL.read_bytes()
+    artifact = hashlib.sha256(data).hexdigest()
+    spec = m.ServiceSpec(
+        name="digits",
+        model=MODEL.name,
+        artifact=artifact,
+        format="tflite",
+        size=len(data),
+        replicas=3,
+        revision="r1",
+    )
+    ids = node_ids(count)
+    registry, beats = build_registry(kit, ids, artifact)
+    assert all(r.state == "online" and r.caps for r in registry.nodes.values())
+    topics = Topics(kit.prefix)
+    now = time.monotonic()
+
+    def read_all() -> None:
+        for beat in beats:
+            read(topics, registry, beat, now)
+
+    read_us = [ms * 1000 / len(beats) for ms in timed(read_all, 10, warmup=1)]
+    chosen = place(spec, registry.nodes, 3, {}).chosen
+    place_ms = timed(lambda: place(spec, registry.nodes, 3, {}), PLACE_RUNS)
+
+    def first_step() -> None:
+        p = Provisioner(grace=0.0)
+        p.on_spec(spec.name, spec)
+        sent = [a for a in p.step(registry, now) if isinstance(a, SendCommand)]
+        assert len(sent) == 3, sent
+
+    step_ms = timed(first_step, PLACE_RUNS)
+    steady = Provisioner(grace=0.0)
+    steady.on_spec(spec.name, spec)
+    steady.step(registry, now)
+
+    def tick() -> None:  # what the coordinator does every 0.2 s when nothing changes
+        registry.overdue(now)
+        steady.step(registry, now)
+
+    tick_ms = timed(tick, PLACE_RUNS)
+    return PlacementFigures(place_ms, step_ms, tick_ms, read_us, chosen)
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    seconds: float
+    coordinator: float  # CPU seconds
+    broker: float
+    simulators: float
+    this: float
+    busy: float  # machine CPU seconds busy, of `total`
+    total: float
+    delivered: int
+    published: int
+
+
+def wait_queue(q: Any, kind: str, count: int, timeout: float) -> list[Any]:
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        try:
+            k, value = q.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            raise TimeoutError(f"{count - len(got)} simulators did not report '{kind}'") from None
+        if k == kind:
+            got.append(value)
+    return got
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
+    p.add_argument("--nodes", type=int, default=1000, help="simulated nodes (default 1000)")
+    p.add_argument("--seconds", type=float, default=20.0, help="CPU measurement window")
+    p.add_argument("--workers", type=int, default=3, help="simulator processes (default 3)")
+    p.add_argument("--no-save", action="store_true", help="do not append to bench/RESULTS.md")
+    args = p.parse_args(argv)
+    if args.nodes < 1 or args.workers < 1:
+        p.error("--nodes and --workers: expected at least 1")
+    workers = min(args.workers, args.nodes)
+    report = Report(f"scale ({args.nodes} simulated nodes)")
+    broker_name = mosquitto_version()
+
+    soft, hard = raise_open_files()
+    need = args.nodes + 64  # the broker: one descriptor per connection, and some
+    if soft < need:
+        report.figure(
+            f"open files limit: {soft} (hard {hard}) is too low for {args.nodes} connections to "
+            f"one broker (needs ~{need}); raise it (`ulimit -Hn`, LimitNOFILE) and run again"
+        )
+
+    kit_base = Kit("x", 0, probe_runtimes(), probe_host(), reference_ms())
+    ids = node_ids(args.nodes)
+    ctx = mp.get_context("spawn")
+    procs: list[Any] = []
+    stop = ctx.Event()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="mqinfer-bench-") as tmp:
+        cluster = Cluster(Path(tmp))
+        counter: BeatCounter | None = None
+        try:
+            kit = dataclasses.replace(kit_base, prefix=cluster.prefix, port=cluster.broker.port)
+            coordinator = cluster.procs.all[0]
+            coord_ps = psutil.Process(coordinator.proc.pid)
+            assert cluster.broker.proc is not None
+            broker_ps = psutil.Process(cluster.broker.proc.pid)
+            log = CoordinatorLog(coordinator.logfile)
+            counter = BeatCounter(cluster.broker.port, Topics(cluster.prefix))
+            if not counter.coordinator_online.wait(30):
+                raise RuntimeError(f"the coordinator did not come online: {coordinator.log()}")
+
+            idle_cpu0, idle_t0 = cpu_seconds([coord_ps]), time.monotonic()
+            out = ctx.Queue()
+            go = ctx.Event()
+            published = [ctx.Value("q", 0, lock=False) for _ in range(workers)]
+            for w in range(workers):
+                share = ids[w::workers]
+                proc = ctx.Process(
+                    target=simulate,
+                    args=(kit, share, published[w], go, stop, out),
+                    name=f"simulator-{w}",
+                    daemon=True,
+                )
+                proc.start()
+                procs.append(proc)
+            wait_queue(out, "ready", workers, 60)
+            time.sleep(max(0.0, 2.0 - (time.monotonic() - idle_t0)))
+            idle = (cpu_seconds([coord_ps]) - idle_cpu0) / (time.monotonic() - idle_t0)
+
+            go.set()
+            deadline = time.monotonic() + ONLINE_LIMIT
+            while len(log.online) < args.nodes:
+                if coordinator.proc.poll() is not None:
+                    raise RuntimeError(f"the coordinator exited: {coordinator.log()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{len(log.online)} of {args.nodes} nodes online after {ONLINE_LIMIT:.0f}"
+                        f" s; coordinator log: {coordinator.logfile}"
+                    )
+                time.sleep(0.05)
+                log.poll()
+            births: list[SimStats] = wait_queue(out, "born", workers, 30)
+            first = min(s.first_connect for s in births)
+            all_online = max(log.online.values()) - first
+            all_connack = max(s.last_connack for s in births) - first
+            all_born = max(s.last_born for s in births) - first
+
+            time.sleep(SETTLE)
+            sims_ps = [psutil.Process(pr.pid) for pr in procs]
+            this_ps = psutil.Process()
+
+            def sample() -> tuple[float, ...]:
+                busy, total = machine_busy()
+                return (
+                    time.monotonic(),
+                    cpu_seconds([coord_ps]),
+                    cpu_seconds([broker_ps]),
+                    cpu_seconds(sims_ps),
+                    cpu_seconds([this_ps]),
+                    busy,
+                    total,
+                    counter.count if counter else 0,
+                    sum(v.value for v in published),
+                )
+
+            before = sample()
+            time.sleep(args.seconds)
+            after = sample()
+            d = [b - a for a, b in zip(before, after, strict=True)]
+            window = Window(d[0], d[1], d[2], d[3], d[4], d[5], d[6], int(d[7]), int(d[8]))
+            log.poll()
+
+            stop.set()
+            finals: list[SimStats] = wait_queue(out, "done", workers, 30)
+        finally:
+            stop.set()
+            for proc in procs:
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+            if counter is not None:
+                counter.close()
+            cluster.stop()
+    cluster_seconds = time.monotonic() - started
+    placed = placement_figures(kit, args.nodes)
+
+    n = args.nodes
+    report.figure(
+        f"registration: {n} simulated nodes (own connection, Will and session each; "
+        f"{workers} simulator processes) all online in the coordinator's registry "
+        f"{all_online:.2f} s after the first connect = {n / all_online:.0f} nodes/s "
+        f"(all CONNACKs at {all_connack:.2f} s = {n / all_connack:.0f} connections/s; "
+        f"last 'online' published at {all_born:.2f} s); {broker_name}; {machine()}"
+    )
+    rate = window.delivered / window.seconds
+    share = 100 * window.coordinator / window.seconds
+    per_beat_us = 1e6 * window.coordinator / max(window.delivered, 1)
+    report.figure(
+        f"coordinator CPU with {n} nodes heartbeating at {1 / INTERVAL:g} Hz: {share:.1f}% of "
+        f"one core over {window.seconds:.0f} s = {share / (rate / 1000):.1f}% per 1000 "
+        f"heartbeats/s ({per_beat_us:.0f} us of CPU per heartbeat, its 5 Hz ticks over {n} "
+        f"nodes included); idle with no nodes {100 * idle:.1f}%; heartbeats delivered "
+        f"{rate:.0f}/s to a subscriber (published {window.published / window.seconds:.0f}/s); "
+        f"{broker_name}; {machine()}"
+    )
+    read_us = statistics.median(placed.read_us)
+    report.figure(
+        f"one heartbeat in-process, decoded and applied to a {n}-node registry as the "
+        f"coordinator does (coordinator.agent.read): {spread(placed.read_us)} us; the running "
+        f"coordinator spent {per_beat_us / read_us:.1f}x that per heartbeat (MQTT client, "
+        f"logging, ticks)"
+    )
+    cores = psutil.cpu_count() or 1
+    report.figure(
+        f"rest of the machine in that window, % of one core: {broker_name} "
+        f"{100 * window.broker / window.seconds:.1f}, simulators "
+        f"{100 * window.simulators / window.seconds:.1f} ({workers} processes), heartbeat "
+        f"counter {100 * window.this / window.seconds:.1f}; machine busy "
+        f"{100 * window.busy / window.total:.0f}% of {cores} cores"
+    )
+    tick = statistics.median(placed.tick_ms)
+    report.figure(
+        f"placement over a {n}-node registry (varied cores, load, speed, cached model): "
+        f"place(3 replicas) {spread(placed.place_ms)} ms; a full Provisioner.step deploying a "
+        f"3-replica service {spread(placed.step_ms)} ms; a tick with nothing to do "
+        f"(overdue scan + step) {spread(placed.tick_ms)} ms = {tick * 5 / 10:.2f}% of one core "
+        f"at 5 ticks/s; median of {PLACE_RUNS} runs (min-max), in-process; {machine()}"
+    )
+    commands: Counter[str] = Counter()
+    for s in finals:
+        commands.update(s.commands)
+    dropped = sum(s.dropped for s in finals)
+    failures = sum(s.failures for s in finals)
+    first_failure = next((s.first_failure for s in finals if s.first_failure), "")
+    health = (
+        f"run health: {len(log.lost)} nodes marked lost by the coordinator, {dropped} "
+        f"connections dropped, {failures} simulator failures"
+        + (f" (first: {first_failure})" if first_failure else "")
+        + f", commands answered {dict(commands) or 'none'}, "
+        f"{sum(s.reasserted for s in finals)} 'online' re-asserted, coordinator warnings "
+        f"{log.warnings}"
+        + (f" (first: {log.first_warning})" if log.first_warning else "")
+        + f"; open files limit {soft}; cluster part {cluster_seconds:.0f} s"
+    )
+    report.figure(health)
+    if not args.no_save:
+        report.save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -141,8 +141,9 @@ class Load:
                 self.lock.notify_all()
 
     def run(self, payload: bytes, count: int, window: int, results: bool = True) -> Run:
-        """Send `count` requests; each waits until at most `window` are unanswered (0: one
-        at a time)."""
+        """Send `count` requests, at most `window` unanswered at a time (1: one at a time)."""
+        if window < 1:
+            raise ValueError(f"window must be 1 or more, not {window}")
         ids = []
         start = time.perf_counter()
         unanswered: list[str] = []
@@ -152,7 +153,7 @@ class Load:
             with self.lock:
                 while True:
                     unanswered = [i for i in unanswered if i not in self.latency]
-                    if len(unanswered) <= window:
+                    if len(unanswered) < window:
                         break
                     if not self.lock.wait(30):
                         raise TimeoutError("no result for 30 s")

@@ -96,6 +96,7 @@ class Endpoint:
                 self.manifest.preprocessing if self.manifest else None,
                 max_bytes=DEFAULT_MAX_REQUEST_BYTES,
             )
+            waiting = time.monotonic()
             with self.lock:
                 start = time.monotonic()
                 outputs = self.model.run(decoded.arrays)
@@ -108,7 +109,7 @@ class Endpoint:
         labels = self.manifest.labels if self.manifest else []
         top = top_k(outputs[0], specs[0], labels) if labels else None
         timing = {
-            "queue_ms": (start - received) * 1000,
+            "queue_ms": (start - waiting) * 1000,  # waiting for the interpreter
             "inference_ms": (ran - start) * 1000,
             "total_ms": (time.monotonic() - received) * 1000,
         }
@@ -261,14 +262,10 @@ class Rounds:
     def tput(self) -> list[float]:
         return [r.throughput for r in self.throughput]
 
-    def inference_ms(self) -> float:
-        runs = self.latency + self.throughput
-        return statistics.median(b["timing"]["inference_ms"] for r in runs for b in r.bodies)
-
-    def server_ms(self) -> float:
-        """Median time from a request's arrival at the node or handler to its answer, one
-        request at a time."""
-        return statistics.median(b["timing"]["total_ms"] for r in self.latency for b in r.bodies)
+    def timing(self, key: str) -> float:
+        """The median of a `timing` field of the results, one request at a time: total_ms
+        runs from a request's arrival at the node or handler to its result's encoding."""
+        return statistics.median(b["timing"][key] for r in self.latency for b in r.bodies)
 
 
 def versions() -> str:
@@ -349,13 +346,18 @@ def main(argv: list[str] | None = None) -> int:
             f"mqinfer/HTTP throughput, {what}, {args.window} in flight: ratio {spread(tput)}; "
             f"mqinfer {spread(mq.tput())} req/s, HTTP {spread(web.tput())} req/s; {tail}"
         )
-        mq_p50, web_p50 = statistics.median(mq.p(0.5)), statistics.median(web.p(0.5))
+        parts = []
+        for label, side in (("mqinfer", mq), ("HTTP", web)):
+            total = statistics.median(side.p(0.5))
+            served = side.timing("total_ms")
+            parts.append(
+                f"{label} {total:.2f} = {'node' if side is mq else 'handler'} {served:.2f} "
+                f"(queue {side.timing('queue_ms'):.2f}, model run "
+                f"{side.timing('inference_ms'):.2f}) + the rest {total - served:.2f}"
+            )
         report.figure(
-            f"{model}, where the time goes (medians, ms, 1 in flight): mqinfer {mq_p50:.2f} = "
-            f"node {mq.server_ms():.2f} (model run {mq.inference_ms():.2f}) + MQTT "
-            f"{mq_p50 - mq.server_ms():.2f}; HTTP {web_p50:.2f} = handler "
-            f"{web.server_ms():.2f} (model run {web.inference_ms():.2f}) + HTTP and FastAPI "
-            f"{web_p50 - web.server_ms():.2f}"
+            f"{model}, where the time goes (medians, ms, 1 in flight): {'; '.join(parts)} "
+            "(the rest: encoding the result and the way there and back)"
         )
     report.figure(
         f"HTTP side: {versions()}, sync def endpoint (FastAPI's threadpool), one interpreter "

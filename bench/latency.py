@@ -118,16 +118,16 @@ def one_broker(kind: str, count: int, reps: int, report: Report) -> None:
 def measure(
     load: Load, echo: Load, path: Path, payload: bytes, count: int, reps: int
 ) -> dict[str, Any]:
-    load.run(payload, 30, 0)  # warm-up
-    echo.run(payload, 30, 0, results=False)
+    load.run(payload, 30, 1)  # warm-up
+    echo.run(payload, 30, 1, results=False)
     e2e: list[float] = []
     floor: list[float] = []
     run: list[float] = []
     node_rps: list[float] = []
     bare_rps: list[float] = []
     for _ in range(reps):  # side by side: each figure's runs interleave with the others'
-        e2e += [x * 1000 for x in load.run(payload, count, 0).latencies]
-        floor += [x * 1000 for x in echo.run(payload, count, 0, results=False).latencies]
+        e2e += [x * 1000 for x in load.run(payload, count, 1).latencies]
+        floor += [x * 1000 for x in echo.run(payload, count, 1, results=False).latencies]
         run += bare_ms(path, payload, count)
         node_rps.append(load.run(payload, count * 2, 8).throughput)
         started = time.perf_counter()

@@ -202,7 +202,8 @@ class SimNode:
 
     def flush(self) -> None:
         """Write what paho queued (publishes from inside its callbacks wait for this), and
-        watch the socket for writability only while something is left over."""
+        watch the socket for writability only while something is left over. Never from a
+        paho callback: paho holds its callback lock there, and writing takes it again."""
         client = self.client
         if client is None or client.socket() is None:
             return
@@ -270,7 +271,6 @@ class SimNode:
         info = client.publish(self.t_beat, codec.encode(beat), qos=0, retain=True)
         if info.rc == mqtt.MQTT_ERR_SUCCESS:
             sim.published.value += 1
-        self.flush()
         return True
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
@@ -422,6 +422,7 @@ class Simulator:
                 when, index = heapq.heappop(self.due)
                 node = self.nodes[index]
                 if node.beat():
+                    node.flush()
                     later = when + INTERVAL
                     heapq.heappush(self.due, (later if later > now else now + INTERVAL, index))
             if now >= next_misc:

@@ -35,10 +35,12 @@ import selectors
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
@@ -62,17 +64,17 @@ from node.capabilities import Probe, capabilities, probe_host, probe_runtimes, r
 from protocol import codec
 from protocol import messages as m
 from protocol.errors import Code, ProtocolError
-from protocol.topics import Kind, Topics
+from protocol.topics import DEFAULT_PREFIX, Kind, Topics
 from tests.integration.harness import mosquitto_binary
 
 MODEL = REPO / "models" / "digits" / "digits_int8.tflite"  # the spec placed in-process
 INTERVAL = 1.0  # heartbeat interval of the simulated nodes (s)
 KEEPALIVE = 30  # as mqinfer.session.run
 HANDSHAKES = 50  # connections per simulator waiting for their CONNACK at most
+CONNACK_LIMIT = 10.0  # seconds for a CONNACK before a simulated node counts as failed
 SETTLE = 2.0  # seconds between the last node online and the CPU window
 ONLINE_LIMIT = 60.0  # seconds for every node to be registered (a limit, not a goal)
 PLACE_RUNS = 50
-ANSWERED = ("ping", "announce")
 
 
 # ---- what a simulated node publishes ------------------------------------------------------
@@ -154,6 +156,7 @@ class SimNode:
         self.seq = 0
         self.started = 0.0
         self.connected = False  # CONNACK received
+        self.failed = False
         self.born = False  # caps acknowledged, `online` out
         self.stopping = False
         self.writing = False  # registered for EVENT_WRITE
@@ -222,7 +225,11 @@ class SimNode:
     def _on_connect(
         self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
     ) -> None:
+        if self.failed:
+            return
+        self.sim.handshaking -= 1
         if rc.is_failure:
+            self.failed = True
             self.sim.failure(f"{self.id}: CONNACK {rc.getName()}")
             return
         self.connected = True
@@ -256,7 +263,7 @@ class SimNode:
 
     def beat(self) -> bool:
         client = self.client
-        if client is None or not self.born or self.stopping:
+        if client is None or not self.born or self.stopping or not self.alive:
             return False
         sim = self.sim
         beat = node_beat(
@@ -279,9 +286,9 @@ class SimNode:
         except ValueError:
             return
         if kind is Kind.NODE_CMD:
-            self._command(msg.payload)
+            self._command(bytes(msg.payload))
         elif kind is Kind.NODE_STATE:
-            self._own_state(msg.payload)
+            self._own_state(bytes(msg.payload))
 
     def _command(self, payload: bytes) -> None:
         """[T-CMD-2] one reply per command: ping and announce are answered as the agent
@@ -292,23 +299,28 @@ class SimNode:
             cmd = codec.decode_as(m.Command, payload)
             cmd_id = cmd.id
             self.sim.stats.commands[cmd.op] += 1
-            if cmd.op == "ping":
-                result: dict[str, Any] = {"pong": time.time(), "session": self.session}
-            elif cmd.op == "announce":
-                caps = node_caps(self.sim.kit, self.id, self.session)
-                self.client.publish(self.t_caps, codec.encode(caps), qos=1, retain=True)
-                self.publish_state("online")
-                result = {"session": self.session}
-            else:
+            op = OPS.get(cmd.op)
+            if op is None:
                 raise ProtocolError(
                     Code.UNKNOWN_COMMAND,
-                    f"unknown op {cmd.op!r}; this simulated node accepts {list(ANSWERED)}",
+                    f"unknown op {cmd.op!r}; this simulated node accepts {sorted(OPS)}",
                 )
-            reply = m.CommandReply(node=self.id, id=cmd.id, ok=True, result=result)
+            reply = m.CommandReply(node=self.id, id=cmd.id, ok=True, result=op(self))
         except ProtocolError as e:
             error = m.ErrorInfo(code=e.code, message=e.message)
             reply = m.CommandReply(node=self.id, id=cmd_id, ok=False, error=error)
         self.client.publish(self.t_reply, codec.encode(reply), qos=1)
+
+    def ping(self) -> dict[str, Any]:
+        return {"pong": time.time(), "session": self.session}
+
+    def announce(self) -> dict[str, Any]:
+        """Caps and 'online' again (the coordinator asks when it has no caps for a node)."""
+        assert self.client is not None
+        caps = node_caps(self.sim.kit, self.id, self.session)
+        self.client.publish(self.t_caps, codec.encode(caps), qos=1, retain=True)
+        self.publish_state("online")
+        return {"session": self.session}
 
     def _own_state(self, payload: bytes) -> None:
         """[T-STATE-3] re-assert 'online' over a stale or wrong 'lost' (as the agent does)."""
@@ -327,8 +339,17 @@ class SimNode:
         self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
     ) -> None:
         if not self.stopping:
-            self.sim.failure(f"{self.id}: connection lost ({rc.getName()})")
             self.sim.stats.dropped += 1
+            self.sim.stats.first_failure = (
+                self.sim.stats.first_failure or f"{self.id}: connection lost ({rc.getName()})"
+            )
+
+
+# What a simulated node answers on its command topic, as node/commands.py does.
+OPS: dict[str, Callable[[SimNode], dict[str, Any]]] = {
+    "ping": SimNode.ping,
+    "announce": SimNode.announce,
+}
 
 
 @dataclass
@@ -356,9 +377,13 @@ class Simulator:
         self.stats = SimStats()
         self.nodes = [SimNode(self, i, node_id) for i, node_id in enumerate(ids)]
         self.due: list[tuple[float, int]] = []  # heartbeat heap: (monotonic time, node index)
+        self.handshaking = 0  # connections waiting for their CONNACK
         self.load = sysinfo.load_average()
         self.memory_mb = sysinfo.memory_mb()[1]
         self.rng = random.Random(ids[0] if ids else "")
+
+    def snapshot(self) -> SimStats:
+        return dataclasses.replace(self.stats, commands=Counter(self.stats.commands))
 
     def failure(self, what: str) -> None:
         self.stats.failures += 1
@@ -386,7 +411,13 @@ class Simulator:
         """Once a second: keepalive pings, and the host figures the heartbeats carry."""
         self.load = sysinfo.load_average()
         self.memory_mb = sysinfo.memory_mb()[1]
+        now = time.monotonic()
         for node in self.nodes:
+            late = node.client is not None and not node.connected and not node.failed
+            if late and now - node.started > CONNACK_LIMIT:
+                node.failed = True
+                self.handshaking -= 1
+                self.failure(f"{node.id}: no CONNACK within {CONNACK_LIMIT:.0f} s")
             if node.client is not None and node.alive:
                 node.client.loop_misc()
                 node.flush()
@@ -399,24 +430,25 @@ class Simulator:
         self.stats.first_connect = time.time()
         next_misc = time.monotonic() + 1.0
         while not stop.is_set():
-            handshaking = sum(1 for n in self.nodes if n.client is not None and not n.connected)
-            while waiting and handshaking < HANDSHAKES:
+            while waiting and self.handshaking < HANDSHAKES:
                 node = waiting.pop()
+                self.handshaking += 1
                 try:
                     node.connect()
                 except OSError as e:
+                    self.handshaking -= 1
+                    node.failed = True
                     self.failure(f"{node.id}: connect: {e}")
-                handshaking += 1
             if (
                 not reported
                 and not waiting
                 and self.stats.born + self.stats.failures >= len(self.nodes)
             ):
-                out.put(("born", self.stats))
+                out.put(("born", self.snapshot()))
                 reported = True
             now = time.monotonic()
             timeout = min(next_misc, self.due[0][0] if self.due else next_misc) - now
-            self.service(0 if waiting else max(0.0, min(timeout, 0.05)))
+            self.service(max(0.0, min(timeout, 0.05)))  # a CONNACK or PUBACK wakes it
             now = time.monotonic()
             while self.due and self.due[0][0] <= now:
                 when, index = heapq.heappop(self.due)
@@ -429,7 +461,7 @@ class Simulator:
                 next_misc = now + 1.0
                 self.housekeeping()
         self.shutdown()
-        out.put(("done", self.stats))
+        out.put(("done", self.snapshot()))
 
     def shutdown(self) -> None:
         """[T-STATE-2] a clean stop: retained 'offline' for each session, then DISCONNECT."""
@@ -461,7 +493,7 @@ def simulate(
 # ---- watching the cluster from outside ------------------------------------------------------
 
 _LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\S+) (\w+) (.*)$")
-_CHANGE = re.compile(r"^node (\S+): (\S+) -> (\S+) ")
+_CHANGE = re.compile(r"^node (\S+): (\S+) -> (\S+) \((.*)\)$")
 
 
 class CoordinatorLog:
@@ -474,6 +506,7 @@ class CoordinatorLog:
         self.rest = b""
         self.online: dict[str, float] = {}  # node -> first time it went online
         self.lost: set[str] = set()
+        self.by_heartbeat = 0  # registered by a live heartbeat that overtook the 'online'
         self.warnings = 0
         self.first_warning = ""
 
@@ -494,9 +527,10 @@ class CoordinatorLog:
             change = _CHANGE.match(text)
             if change is None:
                 continue
-            node, _old, new = change.groups()
+            node, _old, new, why = change.groups()
             if new == "online" and node not in self.online:
                 self.online[node] = _wall(stamp)
+                self.by_heartbeat += why == "heartbeat"
             elif new == "lost":
                 self.lost.add(node)
 
@@ -513,7 +547,7 @@ class BeatCounter:
     def __init__(self, port: int, topics: Topics) -> None:
         self.count = 0
         self.coordinator_online = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_socket_open = _nodelay
         self.client.on_message = self._on_message
         self.state_topic = topics.coordinator_state()
@@ -528,7 +562,7 @@ class BeatCounter:
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == self.state_topic:
             with contextlib.suppress(ProtocolError):
-                if codec.decode_as(m.CoordinatorState, msg.payload).state == "online":
+                if codec.decode_as(m.CoordinatorState, bytes(msg.payload)).state == "online":
                     self.coordinator_online.set()
         elif not msg.retain:
             self.count += 1
@@ -604,7 +638,7 @@ def build_registry(kit: Kit, ids: list[str], artifact: str) -> tuple[Registry, l
     return registry, beats
 
 
-def timed(fn: Any, runs: int, warmup: int = 5) -> list[float]:
+def timed(fn: Callable[[], object], runs: int, warmup: int = 5) -> list[float]:
     """Milliseconds per call of fn(), `runs` times after `warmup` calls."""
     for _ in range(warmup):
         fn()
@@ -622,7 +656,6 @@ class PlacementFigures:
     step_ms: list[float]
     tick_ms: list[float]
     read_us: list[float]
-    chosen: list[str]
 
 
 def placement_figures(kit: Kit, count: int) -> PlacementFigures:
@@ -648,7 +681,6 @@ def placement_figures(kit: Kit, count: int) -> PlacementFigures:
             read(topics, registry, beat, now)
 
     read_us = [ms * 1000 / len(beats) for ms in timed(read_all, 10, warmup=1)]
-    chosen = place(spec, registry.nodes, 3, {}).chosen
     place_ms = timed(lambda: place(spec, registry.nodes, 3, {}), PLACE_RUNS)
 
     def first_step() -> None:
@@ -667,122 +699,145 @@ def placement_figures(kit: Kit, count: int) -> PlacementFigures:
         steady.step(registry, now)
 
     tick_ms = timed(tick, PLACE_RUNS)
-    return PlacementFigures(place_ms, step_ms, tick_ms, read_us, chosen)
+    return PlacementFigures(place_ms, step_ms, tick_ms, read_us)
 
 
 # ---- the run --------------------------------------------------------------------------------
 
 
 @dataclass
-class Window:
-    seconds: float
+class Usage:
+    """Counters at one moment; the difference of two is a measurement window."""
+
+    at: float  # monotonic seconds (of a window: its length)
     coordinator: float  # CPU seconds
     broker: float
     simulators: float
-    this: float
-    busy: float  # machine CPU seconds busy, of `total`
+    counter: float  # this process: mostly the heartbeat counter's network thread
+    busy: float  # the whole machine: CPU seconds not idle, of `total`
     total: float
-    delivered: int
-    published: int
+    delivered: int  # live heartbeats the counter received
+    published: int  # heartbeats the simulators published
+
+    def __sub__(self, other: Usage) -> Usage:
+        pairs = zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)
+        return Usage(*(a - b for a, b in pairs))
+
+    def core_percent(self, cpu_seconds: float) -> float:
+        return 100 * cpu_seconds / self.at
 
 
-def wait_queue(q: Any, kind: str, count: int, timeout: float) -> list[Any]:
-    got: list[Any] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count:
-        try:
-            k, value = q.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            raise TimeoutError(f"{count - len(got)} simulators did not report '{kind}'") from None
-        if k == kind:
-            got.append(value)
-    return got
+class Simulators:
+    """The simulator processes, and what they report: 'ready', 'born' (every node online
+    or failed), 'done' (after a clean stop)."""
+
+    def __init__(self, kit: Kit, ids: list[str], workers: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.out = ctx.Queue()
+        self.go = ctx.Event()
+        self.stop = ctx.Event()
+        self.counts = [ctx.Value("q", 0, lock=False) for _ in range(workers)]
+        self.procs = [
+            ctx.Process(
+                target=simulate,
+                args=(kit, ids[w::workers], self.counts[w], self.go, self.stop, self.out),
+                name=f"simulator-{w}",
+                daemon=True,
+            )
+            for w in range(workers)
+        ]
+        self.reports: dict[str, list[Any]] = {"ready": [], "born": [], "done": []}
+        for proc in self.procs:
+            proc.start()
+
+    @property
+    def published(self) -> int:
+        return sum(v.value for v in self.counts)
+
+    def poll(self, timeout: float = 0.0) -> None:
+        with contextlib.suppress(queue.Empty):
+            kind, value = self.out.get(timeout=timeout) if timeout else self.out.get_nowait()
+            self.reports[kind].append(value)
+
+    def wait(self, kind: str, timeout: float) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while len(self.reports[kind]) < len(self.procs):
+            if time.monotonic() > deadline:
+                missing = len(self.procs) - len(self.reports[kind])
+                raise TimeoutError(f"{missing} simulator processes did not report '{kind}'")
+            self.poll(0.1)
+        return self.reports[kind]
+
+    def close(self) -> None:
+        self.stop.set()
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
-    p.add_argument("--nodes", type=int, default=1000, help="simulated nodes (default 1000)")
-    p.add_argument("--seconds", type=float, default=20.0, help="CPU measurement window")
-    p.add_argument("--workers", type=int, default=3, help="simulator processes (default 3)")
-    p.add_argument("--no-save", action="store_true", help="do not append to bench/RESULTS.md")
-    args = p.parse_args(argv)
-    if args.nodes < 1 or args.workers < 1:
-        p.error("--nodes and --workers: expected at least 1")
-    workers = min(args.workers, args.nodes)
-    report = Report(f"scale ({args.nodes} simulated nodes)")
-    broker_name = mosquitto_version()
+@dataclass
+class ClusterFigures:
+    idle: float  # coordinator CPU share (of one core) before any node
+    idle_seconds: float
+    registered: float  # s from the first connect until the registry had every node online
+    connacks: float  # ... until the last CONNACK
+    announced: float  # ... until the last 'online' was published
+    window: Usage
+    log: CoordinatorLog
+    sims: list[SimStats]
 
-    soft, hard = raise_open_files()
-    need = args.nodes + 64  # the broker: one descriptor per connection, and some
-    if soft < need:
-        report.figure(
-            f"open files limit: {soft} (hard {hard}) is too low for {args.nodes} connections to "
-            f"one broker (needs ~{need}); raise it (`ulimit -Hn`, LimitNOFILE) and run again"
-        )
 
-    kit_base = Kit("x", 0, probe_runtimes(), probe_host(), reference_ms())
-    ids = node_ids(args.nodes)
-    ctx = mp.get_context("spawn")
-    procs: list[Any] = []
-    stop = ctx.Event()
-    started = time.monotonic()
+def run_cluster(kit: Kit, nodes: int, seconds: float, workers: int) -> ClusterFigures:
     with tempfile.TemporaryDirectory(prefix="mqinfer-bench-") as tmp:
         cluster = Cluster(Path(tmp))
         counter: BeatCounter | None = None
+        sims: Simulators | None = None
         try:
-            kit = dataclasses.replace(kit_base, prefix=cluster.prefix, port=cluster.broker.port)
+            kit = dataclasses.replace(kit, prefix=cluster.prefix, port=cluster.broker.port)
             coordinator = cluster.procs.all[0]
-            coord_ps = psutil.Process(coordinator.proc.pid)
-            assert cluster.broker.proc is not None
-            broker_ps = psutil.Process(cluster.broker.proc.pid)
             log = CoordinatorLog(coordinator.logfile)
             counter = BeatCounter(cluster.broker.port, Topics(cluster.prefix))
             if not counter.coordinator_online.wait(30):
                 raise RuntimeError(f"the coordinator did not come online: {coordinator.log()}")
+            assert cluster.broker.proc is not None
+            coord_ps, broker_ps, this_ps = (
+                psutil.Process(pid) for pid in (coordinator.proc.pid, cluster.broker.proc.pid, None)
+            )
 
-            idle_cpu0, idle_t0 = cpu_seconds([coord_ps]), time.monotonic()
-            out = ctx.Queue()
-            go = ctx.Event()
-            published = [ctx.Value("q", 0, lock=False) for _ in range(workers)]
-            for w in range(workers):
-                share = ids[w::workers]
-                proc = ctx.Process(
-                    target=simulate,
-                    args=(kit, share, published[w], go, stop, out),
-                    name=f"simulator-{w}",
-                    daemon=True,
-                )
-                proc.start()
-                procs.append(proc)
-            wait_queue(out, "ready", workers, 60)
-            time.sleep(max(0.0, 2.0 - (time.monotonic() - idle_t0)))
-            idle = (cpu_seconds([coord_ps]) - idle_cpu0) / (time.monotonic() - idle_t0)
+            idle_from = time.monotonic(), cpu_seconds([coord_ps])
+            sims = Simulators(kit, node_ids(nodes), workers)
+            sims.wait("ready", 60)
+            time.sleep(max(0.0, 2.0 - (time.monotonic() - idle_from[0])))
+            idle_seconds = time.monotonic() - idle_from[0]
+            idle = (cpu_seconds([coord_ps]) - idle_from[1]) / idle_seconds
 
-            go.set()
+            sims.go.set()
             deadline = time.monotonic() + ONLINE_LIMIT
-            while len(log.online) < args.nodes:
+            while len(log.online) < nodes:
+                sims.poll(0.05)
+                log.poll()
+                born: list[SimStats] = sims.reports["born"]
+                failed = next((s.first_failure for s in born if s.failures), "")
+                if len(born) == workers and failed:
+                    raise RuntimeError(f"simulated nodes could not connect: {failed}")
                 if coordinator.proc.poll() is not None:
                     raise RuntimeError(f"the coordinator exited: {coordinator.log()[-2000:]}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(
-                        f"{len(log.online)} of {args.nodes} nodes online after {ONLINE_LIMIT:.0f}"
-                        f" s; coordinator log: {coordinator.logfile}"
+                        f"{len(log.online)} of {nodes} nodes online after {ONLINE_LIMIT:.0f} s; "
+                        f"see {coordinator.logfile}"
                     )
-                time.sleep(0.05)
-                log.poll()
-            births: list[SimStats] = wait_queue(out, "born", workers, 30)
-            first = min(s.first_connect for s in births)
-            all_online = max(log.online.values()) - first
-            all_connack = max(s.last_connack for s in births) - first
-            all_born = max(s.last_born for s in births) - first
+            born = sims.wait("born", 30)
+            first = min(s.first_connect for s in born)
 
             time.sleep(SETTLE)
-            sims_ps = [psutil.Process(pr.pid) for pr in procs]
-            this_ps = psutil.Process()
+            sims_ps = [psutil.Process(proc.pid) for proc in sims.procs]
 
-            def sample() -> tuple[float, ...]:
+            def usage() -> Usage:
                 busy, total = machine_busy()
-                return (
+                return Usage(
                     time.monotonic(),
                     cpu_seconds([coord_ps]),
                     cpu_seconds([broker_ps]),
@@ -791,93 +846,137 @@ def main(argv: list[str] | None = None) -> int:
                     busy,
                     total,
                     counter.count if counter else 0,
-                    sum(v.value for v in published),
+                    sims.published,
                 )
 
-            before = sample()
-            time.sleep(args.seconds)
-            after = sample()
-            d = [b - a for a, b in zip(before, after, strict=True)]
-            window = Window(d[0], d[1], d[2], d[3], d[4], d[5], d[6], int(d[7]), int(d[8]))
+            before = usage()
+            time.sleep(seconds)
+            window = usage() - before
             log.poll()
-
-            stop.set()
-            finals: list[SimStats] = wait_queue(out, "done", workers, 30)
+            sims.stop.set()
+            done: list[SimStats] = sims.wait("done", 30)
         finally:
-            stop.set()
-            for proc in procs:
-                proc.join(10)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join()
+            if sims is not None:
+                sims.close()
             if counter is not None:
                 counter.close()
             cluster.stop()
-    cluster_seconds = time.monotonic() - started
-    placed = placement_figures(kit, args.nodes)
-
-    n = args.nodes
-    report.figure(
-        f"registration: {n} simulated nodes (own connection, Will and session each; "
-        f"{workers} simulator processes) all online in the coordinator's registry "
-        f"{all_online:.2f} s after the first connect = {n / all_online:.0f} nodes/s "
-        f"(all CONNACKs at {all_connack:.2f} s = {n / all_connack:.0f} connections/s; "
-        f"last 'online' published at {all_born:.2f} s); {broker_name}; {machine()}"
+    return ClusterFigures(
+        idle=idle,
+        idle_seconds=idle_seconds,
+        registered=max(log.online.values()) - first,
+        connacks=max(s.last_connack for s in born) - first,
+        announced=max(s.last_born for s in born) - first,
+        window=window,
+        log=log,
+        sims=done,
     )
-    rate = window.delivered / window.seconds
-    share = 100 * window.coordinator / window.seconds
-    per_beat_us = 1e6 * window.coordinator / max(window.delivered, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.scale",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--nodes", type=int, default=1000, help="simulated nodes (default 1000)")
+    p.add_argument(
+        "--seconds", type=float, default=20.0, help="CPU measurement window (default 20)"
+    )
+    p.add_argument("--workers", type=int, default=3, help="simulator processes (default 3)")
+    p.add_argument("--no-save", action="store_true", help="do not append to bench/RESULTS.md")
+    args = p.parse_args(argv)
+    if args.nodes < 1 or args.workers < 1 or args.seconds <= 0:
+        p.error("--nodes and --workers: expected at least 1; --seconds: more than 0")
+    n, workers = args.nodes, min(args.workers, args.nodes)
+    report = Report(f"scale ({n} simulated nodes)")
+    broker = mosquitto_version()
+
+    soft, hard = raise_open_files()
+    if soft < n + 64:  # the broker: one descriptor per connection, and a few more
+        print(
+            f"open files limit {soft} (hard {hard}) is too low for {n} connections to one "
+            f"broker (needs ~{n + 64}): raise the hard limit (ulimit -Hn, systemd LimitNOFILE) "
+            f"or run with --nodes {max(soft - 64, 1)}",
+            file=sys.stderr,
+        )
+        return 1
+    kit = Kit(DEFAULT_PREFIX, 0, probe_runtimes(), probe_host(), reference_ms())
+    started = time.monotonic()
+    run = run_cluster(kit, n, args.seconds, workers)
+    cluster_seconds = time.monotonic() - started
+    placed = placement_figures(kit, n)
+
+    w = run.window
+    report.figure(
+        f"registration: {n} simulated nodes (own connection, Will and session each; {workers} "
+        f"simulator processes) all online in the coordinator's registry {run.registered:.2f} s "
+        f"after the first connect = {n / run.registered:.0f} nodes/s (last CONNACK at "
+        f"{run.connacks:.2f} s = {n / run.connacks:.0f} connections/s, last 'online' published "
+        f"at {run.announced:.2f} s); {broker}; {machine()}"
+    )
+    rate = w.delivered / w.at
+    idle = (
+        f"{100 * run.idle:.1f}% over {run.idle_seconds:.1f} s"
+        if run.idle
+        else f"below the 10 ms CPU accounting tick in {run.idle_seconds:.1f} s"
+    )
+    share = w.core_percent(w.coordinator)
+    per_beat = 1e6 * w.coordinator / max(w.delivered, 1)
+    bare = 1e6 * w.counter / max(w.delivered, 1)
     report.figure(
         f"coordinator CPU with {n} nodes heartbeating at {1 / INTERVAL:g} Hz: {share:.1f}% of "
-        f"one core over {window.seconds:.0f} s = {share / (rate / 1000):.1f}% per 1000 "
-        f"heartbeats/s ({per_beat_us:.0f} us of CPU per heartbeat, its 5 Hz ticks over {n} "
-        f"nodes included); idle with no nodes {100 * idle:.1f}%; heartbeats delivered "
-        f"{rate:.0f}/s to a subscriber (published {window.published / window.seconds:.0f}/s); "
-        f"{broker_name}; {machine()}"
+        f"one core over {w.at:.0f} s = {share / (rate / 1000):.1f}% per 1000 heartbeats/s, "
+        f"{per_beat:.0f} us per heartbeat (its 5 Hz ticks over {n} nodes included); idle with "
+        f"no nodes {idle}; heartbeats delivered "
+        f"{rate:.0f}/s to a subscriber (simulators published {w.published / w.at:.0f}/s); "
+        f"{broker}; {machine()}"
     )
     read_us = statistics.median(placed.read_us)
     report.figure(
-        f"one heartbeat in-process, decoded and applied to a {n}-node registry as the "
-        f"coordinator does (coordinator.agent.read): {spread(placed.read_us)} us; the running "
-        f"coordinator spent {per_beat_us / read_us:.1f}x that per heartbeat (MQTT client, "
-        f"logging, ticks)"
+        f"per heartbeat: coordinator {per_beat:.0f} us of CPU = {per_beat / read_us:.1f}x its "
+        f"decode + registry update measured in-process (coordinator.agent.read on a {n}-node "
+        f"registry: {spread(placed.read_us)} us) and {per_beat / bare:.1f}x a bare paho "
+        f"subscriber's (MQTT 5, loop_start: {bare:.0f} us) on the same heartbeats"
     )
-    cores = psutil.cpu_count() or 1
     report.figure(
-        f"rest of the machine in that window, % of one core: {broker_name} "
-        f"{100 * window.broker / window.seconds:.1f}, simulators "
-        f"{100 * window.simulators / window.seconds:.1f} ({workers} processes), heartbeat "
-        f"counter {100 * window.this / window.seconds:.1f}; machine busy "
-        f"{100 * window.busy / window.total:.0f}% of {cores} cores"
+        f"rest of the machine in that window, % of one core: {broker} "
+        f"{w.core_percent(w.broker):.1f}, simulators {w.core_percent(w.simulators):.1f} "
+        f"({workers} processes), heartbeat counter {w.core_percent(w.counter):.1f}; machine "
+        f"busy {100 * w.busy / w.total:.0f}% of {psutil.cpu_count()} cores"
     )
     tick = statistics.median(placed.tick_ms)
     report.figure(
         f"placement over a {n}-node registry (varied cores, load, speed, cached model): "
         f"place(3 replicas) {spread(placed.place_ms)} ms; a full Provisioner.step deploying a "
-        f"3-replica service {spread(placed.step_ms)} ms; a tick with nothing to do "
-        f"(overdue scan + step) {spread(placed.tick_ms)} ms = {tick * 5 / 10:.2f}% of one core "
-        f"at 5 ticks/s; median of {PLACE_RUNS} runs (min-max), in-process; {machine()}"
+        f"3-replica service {spread(placed.step_ms)} ms; a tick with nothing to do (overdue "
+        f"scan + step) {spread(placed.tick_ms)} ms = {tick * 5 / 10:.2f}% of one core at 5 "
+        f"ticks/s; median (min-max) of {PLACE_RUNS} runs, in-process; {machine()}"
     )
-    commands: Counter[str] = Counter()
-    for s in finals:
-        commands.update(s.commands)
-    dropped = sum(s.dropped for s in finals)
-    failures = sum(s.failures for s in finals)
-    first_failure = next((s.first_failure for s in finals if s.first_failure), "")
-    health = (
-        f"run health: {len(log.lost)} nodes marked lost by the coordinator, {dropped} "
-        f"connections dropped, {failures} simulator failures"
-        + (f" (first: {first_failure})" if first_failure else "")
-        + f", commands answered {dict(commands) or 'none'}, "
-        f"{sum(s.reasserted for s in finals)} 'online' re-asserted, coordinator warnings "
-        f"{log.warnings}"
-        + (f" (first: {log.first_warning})" if log.first_warning else "")
-        + f"; open files limit {soft}; cluster part {cluster_seconds:.0f} s"
-    )
-    report.figure(health)
+    report.figure(checks(run, soft, cluster_seconds))
     if not args.no_save:
         report.save()
     return 0
+
+
+def checks(run: ClusterFigures, open_files: int, seconds: float) -> str:
+    commands: Counter[str] = Counter()
+    for s in run.sims:
+        commands.update(s.commands)
+    failure = next((s.first_failure for s in run.sims if s.first_failure), "")
+    warning = run.log.first_warning
+    return (
+        f"checks: {run.log.by_heartbeat} nodes registered by a live QoS 0 heartbeat that "
+        f"overtook their QoS 1 'online', {len(run.log.lost)} marked lost by the coordinator, "
+        f"{sum(s.dropped for s in run.sims)} connections dropped, "
+        f"{sum(s.failures for s in run.sims)} simulator failures"
+        + (f" (first: {failure})" if failure else "")
+        + f", {run.log.warnings} coordinator warnings"
+        + (f" (first: {warning})" if warning else "")
+        + f", commands answered: {dict(commands) or 'none'}, "
+        f"{sum(s.reasserted for s in run.sims)} 'online' re-asserted; open files limit "
+        f"{open_files}; cluster part {seconds:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ class CommandReply(Wire):
     """Sent by the node on nodes/{node}/reply."""
 
     node: str
-    id: str | None = Field(description="The command's id; None if it could not be read")
+    id: str | None = Field(None, description="The command's id; None if it could not be read")
     ok: bool
     result: dict[str, Any] = Field(default_factory=dict)
     error: ErrorInfo | None = None

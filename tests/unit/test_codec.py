@@ -78,3 +78,14 @@ def test_every_control_topic_has_a_model() -> None:
     control = {Kind.SERVICE_REQUEST, Kind.SERVICE_RESULT, Kind.SERVICE_STAGE, Kind.ARTIFACT_CHUNK}
     assert set(codec.MODEL_BY_KIND) == set(Kind) - control
     assert _code(Kind.SERVICE_REQUEST, b"{}") is Code.BAD_TOPIC
+
+
+def test_a_reply_to_an_unreadable_command_reads_back() -> None:
+    """A node answers a command it could not read with no id; encoding leaves the None
+    out, and the coordinator must still read the reply."""
+    reply = m.CommandReply(
+        node="edge-1", id=None, ok=False, error=m.ErrorInfo(code="bad_encoding", message="x")
+    )
+    raw = codec.encode(reply)
+    assert b'"id"' not in raw
+    assert codec.decode(Kind.NODE_REPLY, raw) == reply

@@ -208,3 +208,26 @@ def test_a_result_seen_on_the_result_topic_counts_as_done() -> None:
         assert again == {f"q{i}" for i in owned[1:]}
     finally:
         n2.stop()
+
+
+def test_an_idle_replica_of_a_fast_model_answers_on_the_receiving_thread() -> None:
+    """The digits model runs in microseconds: an idle replica answers before on_request
+    returns (no thread handoff). Once it measures slow, requests are still answered (by
+    the workers)."""
+    bus = Bus()
+    r = replica("n1", bus)
+    try:
+        r.on_status(status("n1"))
+        assert r.inference_ms is not None and r.inference_ms < 1.0
+        msg, _ = request(1)
+        deliver([r], msg)
+        [result] = bus.results()  # already there: served inline
+        assert result["ok"] and result["request_id"] == "q1"
+        r.inference_ms = 50.0  # as a slow model measures
+        msg, _ = request(2)
+        deliver([r], msg)
+        wait_for_results(bus, 2)
+        assert [x["request_id"] for x in bus.results()] == ["q1", "q2"]
+        assert r.served == 2
+    finally:
+        r.stop()

@@ -14,12 +14,16 @@ import argparse
 import io
 import statistics
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from bench.common import REPO, Cluster, Load, Report, machine, spread, until
+from mqinfer.split import split_temporarily
+from node.runtimes import Model, available_backends, warm_up
 
 DEFAULT_MODEL = REPO / "models" / "mobilenet_v2" / "mobilenet_v2_f32.tflite"
 GOAL = 1.7
@@ -36,13 +40,47 @@ def frame() -> bytes:
     return out.getvalue()
 
 
+def compute_bound(model: Path, cuts: list[int], seconds: float = 2.0) -> tuple[float, float]:
+    """Runs per second with no messaging at all: the whole model back to back on one
+    thread, and the segments each on its own thread at the same time, each fed its own
+    zeros (the slowest stage sets the pace). What the machine allows a pipeline."""
+    backend = available_backends()["tflite"]
+
+    def rate(models: list[Model]) -> float:
+        counts = [0] * len(models)
+        stop = time.perf_counter() + seconds
+        zeros = [[np.zeros(t.shape, t.dtype) for t in m.inputs] for m in models]
+
+        def loop(i: int) -> None:
+            while time.perf_counter() < stop:
+                models[i].run(zeros[i])
+                counts[i] += 1
+
+        threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(models))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return min(counts) / seconds
+
+    whole = backend.load(str(model), 1)
+    warm_up(whole)
+    alone = rate([whole])
+    with split_temporarily(model, len(cuts) + 1, at=cuts) as (pipeline, folder):
+        parts = [backend.load(str(folder / s.manifest.file), 1) for s in pipeline.segments]
+        for p in parts:
+            warm_up(p)
+        together = rate(parts)
+    return alone, together
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__)
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--segments", type=int, default=2)
-    p.add_argument("--count", type=int, default=150, help="requests per measurement")
+    p.add_argument("--count", type=int, default=300, help="requests per measurement")
     p.add_argument("--window", type=int, default=8, help="requests in flight")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-save", action="store_true", help="do not append to bench/RESULTS.md")
     args = p.parse_args(argv)
     report = Report(f"pipeline ({args.model.name}, {args.segments} stages)")
@@ -72,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 load.close()
         finally:
             cluster.stop()
+    cuts = [int(line.split("ops ")[1].split("-")[1].split(",")[0]) for line in split[:-1]]
+    bound_whole, bound_pipe = compute_bound(args.model, cuts)
     tput = {name: [r.throughput for r in rs] for name, rs in runs.items()}
     ratios = [a / b for a, b in zip(tput["pipe"], tput["whole"], strict=True)]
     ratio = statistics.median(ratios)
@@ -96,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         + f"; whole model {whole_ms:.2f}"
     )
     report.figure("split (measured on this machine when split): " + "; ".join(split))
+    report.figure(
+        f"compute bound, no messaging: segments on {args.segments} threads at once / whole model "
+        f"back to back = {bound_pipe / bound_whole:.2f} ({bound_pipe:.1f} vs {bound_whole:.1f} "
+        f"runs/s, in-process, the same cuts {cuts}): the most a pipeline can gain here"
+    )
     for name in ("whole", "pipe"):
         lat = [x for run in runs[name] for x in run.latencies]
         ordered = sorted(lat)

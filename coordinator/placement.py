@@ -3,9 +3,10 @@
 A node is eligible when it is online with known capabilities, runs the model's format,
 has the memory, and matches the spec's constraints. Eligible nodes are ranked by speed:
 cores not already busy (load average), shared by the services already running there, times
-the node's measured speed relative to the fastest eligible node (the reference workload of
-its capabilities; within 20% counts as equal), with the artifact already cached as a
-tie-breaker.
+the node's measured speed relative to the fastest eligible node (within 20% counts as
+equal), with the artifact already cached as a tie-breaker. Speed is what a node measured
+running this very model when it has run it (`costs`), else the reference workload of its
+capabilities.
 """
 
 from __future__ import annotations
@@ -50,24 +51,23 @@ def why_not(spec: m.ServiceSpec, rec: NodeRecord) -> str | None:
 SAME_SPEED = 0.8  # nodes within this ratio of the fastest one's speed count as equally fast
 
 
-def speed_factor(rec: NodeRecord, fastest: float | None) -> float:
-    """The node's speed relative to the fastest eligible one: 1.0, or less when it is
-    clearly slower (its reference workload took over 1/SAME_SPEED times as long)."""
-    own = rec.caps.speed_ms if rec.caps else None
+def speed_factor(own: float | None, fastest: float | None) -> float:
+    """A node's speed relative to the fastest eligible one, from run times (ms): 1.0, or
+    less when it is clearly slower (over 1/SAME_SPEED times as long)."""
     if fastest is None or not own:
         return 1.0
     ratio = fastest / own
     return 1.0 if ratio > SAME_SPEED else ratio
 
 
-def score(spec: m.ServiceSpec, rec: NodeRecord, fastest: float | None = None) -> float:
-    """Higher is better. Free cores times relative speed dominate; the rest break ties."""
+def score(spec: m.ServiceSpec, rec: NodeRecord, speed: float = 1.0) -> float:
+    """Higher is better. Free cores times relative `speed` dominate; the rest break ties."""
     assert rec.caps is not None
     cores = rec.caps.host.cores
     load = rec.heartbeat.load[0] if rec.heartbeat else 0.0
     free = max(cores - load, 0.25)
     services = len(rec.heartbeat.services) if rec.heartbeat else 0
-    value = free / (1 + services) * speed_factor(rec, fastest)
+    value = free / (1 + services) * speed
     if spec.artifact and spec.artifact in rec.caps.models:
         value += 0.1  # no download
     return value
@@ -85,10 +85,12 @@ def place(
     count: int,
     exclude: dict[str, str],
     avoid: set[str] | frozenset[str] = frozenset(),
+    costs: dict[str, float] | None = None,
 ) -> Placement:
     """Choose up to `count` nodes for new replicas, never one in `exclude` (node -> why:
     it already has a replica, or failed to deploy this spec), and one in `avoid` (it runs
-    another stage of the same pipeline) only when no other node can."""
+    another stage of the same pipeline) only when no other node can. `costs`: node ->
+    measured run time (ms) of this model there, for the nodes that have run it."""
     refused: dict[str, str] = {}
     eligible: list[str] = []
     for node_id in sorted(nodes):
@@ -100,8 +102,22 @@ def place(
             eligible.append(node_id)
         else:
             refused[node_id] = reason
-    speeds = [s for n in eligible if (caps := nodes[n].caps) and (s := caps.speed_ms)]
-    fastest = min(speeds) if speeds else None
-    ranked = [(score(spec, nodes[n], fastest), n) for n in eligible]
+    # Measured run times compare with the fastest node that ran this model, chosen or not.
+    measured = {n: c for n, c in (costs or {}).items() if c > 0}
+    known = {n: c for n, c in measured.items() if n in eligible}
+    reference = {
+        n: s
+        for n in eligible
+        if n not in known and (caps := nodes[n].caps) and (s := caps.speed_ms)
+    }
+    best_known = min(measured.values()) if measured else None
+    best_reference = min(reference.values()) if reference else None
+
+    def speed(n: str) -> float:
+        if n in known:
+            return speed_factor(known[n], best_known)
+        return speed_factor(reference.get(n), best_reference)
+
+    ranked = [(score(spec, nodes[n], speed(n)), n) for n in eligible]
     ranked.sort(key=lambda pair: (pair[1] in avoid, -pair[0], pair[1]))
     return Placement([node for _, node in ranked[:count]], refused)

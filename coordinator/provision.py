@@ -75,6 +75,7 @@ class Provisioner:
         self.services: dict[str, Service] = {}  # by slot
         self.published: dict[str, dict[str, Any]] = {}  # service -> its last status
         self.restored: dict[str, m.ServiceStatus] = {}  # retained statuses, before adoption
+        self.costs: dict[str, dict[str, float]] = {}  # artifact -> node -> measured run ms
         self._by_cmd: dict[str, tuple[str, str]] = {}  # cmd id -> (service, node)
         self._stray: dict[tuple[str, str, int], float] = {}  # (node, service, session) -> sent
         self._start: float | None = None
@@ -139,6 +140,7 @@ class Provisioner:
         if now - self._start < self.grace:
             return []
         actions: list[Action] = []
+        self._remember_costs(registry)
         statuses: dict[str, list[m.ServiceStatus]] = {}
         for key in list(self.services):
             svc = self.services[key]
@@ -151,6 +153,20 @@ class Provisioner:
             actions += self._publish(name, statuses.get(name), now)
         actions += self._reconcile(registry, now)
         return actions
+
+    def _remember_costs(self, registry: Registry) -> None:
+        """What each node measured running each model, kept after the replica is gone so a
+        later placement of the same model can prefer the nodes that ran it fastest."""
+        for svc in self.services.values():
+            if svc.spec is None:
+                continue
+            artifact = svc.spec.for_stage(svc.stage).artifact
+            for node in svc.replicas:
+                rec = registry.nodes.get(node)
+                beat = rec.heartbeat if rec else None
+                stats = beat.stats.get(svc.name) if beat else None
+                if stats is not None and stats.inference_ms:
+                    self.costs.setdefault(artifact, {})[node] = stats.inference_ms
 
     def _publish(
         self, name: str, statuses: list[m.ServiceStatus] | None, now: float
@@ -280,12 +296,14 @@ class Provisioner:
             exclude.update({n: f"failed: {why}" for n, why in svc.failed.items()})
             # Stages of one pipeline go to different nodes where they can, to run in parallel.
             avoid = {n for s in self._slots(svc.service) if s is not svc for n in s.replicas}
+            ours = spec.for_stage(svc.stage)
             found = placement.place(
-                spec.for_stage(svc.stage),
+                ours,
                 registry.nodes,
                 spec.replicas - len(active),
                 exclude,
                 avoid,
+                self.costs.get(ours.artifact),
             )
             for node in found.chosen:
                 rep = svc.replicas[node] = Replica(node, "deploying")
@@ -294,7 +312,11 @@ class Provisioner:
             refused = found.refused
         else:
             refused = {}
-            extra = sorted(active, key=lambda r: (r.state == "ready", r.node))
+            # The surplus goes: replicas not ready first, then the slowest measured.
+            cost = self.costs.get(spec.for_stage(svc.stage).artifact, {})
+            extra = sorted(
+                active, key=lambda r: (r.state == "ready", -cost.get(r.node, 0.0), r.node)
+            )
             for rep in extra[: len(active) - spec.replicas]:
                 del svc.replicas[rep.node]
                 actions.append(self._undeploy(svc, rep, now))

@@ -197,3 +197,18 @@ def test_the_fastest_nodes_win_and_small_speed_differences_do_not_count() -> Non
     }
     assert place(spec(), nodes, 4, {}).chosen == ["fast", "noisy", "unknown", "slow"]
     assert place(spec(), nodes, 1, {"fast": "has a replica"}).chosen == ["noisy"]
+
+
+def test_a_model_measured_on_a_node_ranks_it_by_that_not_by_the_reference() -> None:
+    """A node that ran this model 10x slower than the fastest that ran it loses to one
+    not measured yet, whatever their reference workloads say (the fastest and the one not
+    measured count as equally fast: ties go by id)."""
+    nodes = {
+        "ran-slow": node("ran-slow", speed_ms=3.0),
+        "fresh": node("fresh", speed_ms=3.0),
+        "ran-fast": node("ran-fast", speed_ms=3.0),
+    }
+    costs = {"ran-slow": 20.0, "ran-fast": 2.0}
+    assert place(spec(), nodes, 3, {}, costs=costs).chosen == ["fresh", "ran-fast", "ran-slow"]
+    found = place(spec(), nodes, 1, {"ran-fast": "has a replica"}, costs=costs)
+    assert found.chosen == ["fresh"]

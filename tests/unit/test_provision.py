@@ -640,3 +640,19 @@ def test_even_routing_publishes_no_weights() -> None:
     measured(reg, "n1", NAME, 2.0)
     measured(reg, "n2", NAME, 8.0)
     assert p.step(reg, 3.0) == []
+
+
+def test_fewer_replicas_drop_the_slowest_and_more_avoid_nodes_that_ran_it_slowly() -> None:
+    """Scaling down keeps the replica its node measured fastest; scaling up again prefers
+    a node not measured yet over one that ran the model 10x slower."""
+    reg = registry("n1", "n2", "n3")
+    p, _ = deployed(reg, spec())  # n1, n2
+    measured(reg, "n1", NAME, 20.0)
+    measured(reg, "n2", NAME, 2.0)
+    p.step(reg, 3.0)
+    p.on_spec(NAME, spec(replicas=1, revision="r2"))
+    [gone] = sends(p.step(reg, 4.0), "undeploy")
+    assert gone.node == "n1"
+    p.on_spec(NAME, spec(replicas=2, revision="r3"))
+    deploys = [c.node for c in sends(p.step(reg, 5.0), "deploy") if c.node != "n2"]
+    assert deploys == ["n3"]

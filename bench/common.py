@@ -37,7 +37,11 @@ def commit() -> str:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
         )
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True)
+        dirty = subprocess.run(  # this file's own appends do not count
+            ["git", "status", "--porcelain", "--", ".", ":!bench/RESULTS.md"],
+            cwd=REPO,
+            capture_output=True,
+        )
         return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
     except OSError:
         return "unknown"

@@ -21,24 +21,16 @@ from protocol import tensors
 from protocol.manifest import Pipeline, TensorInfo
 from protocol.routing import owner, request_key
 from protocol.topics import Kind, Topics
+from tests.unit import test_serving as serving_tests
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "models" / "digits" / "digits_int8.tflite"
 T = Topics()
 
 
-class Bus:
-    def __init__(self) -> None:
-        self.sent: list[Outgoing] = []
-
-    def send(self, messages: list[Outgoing]) -> None:
-        self.sent.extend(messages)
-
+class Bus(serving_tests.Bus):
     def on(self, topic: str) -> list[Outgoing]:
         return [o for o in self.sent if o.topic == topic]
-
-    def results(self) -> list[dict[str, object]]:
-        return [orjson.loads(o.payload) for o in self.sent if "/result" in o.topic]
 
 
 @pytest.fixture(scope="module")

@@ -359,14 +359,16 @@ def _still_serving(rep: Replica, rec: NodeRecord, name: str) -> bool:
 
 def capacity(rec: NodeRecord | None, slot: str) -> float | None:
     """Requests per second a replica can run, from what its node measured: its worker
-    threads over the running mean of its model run time (None before a measurement)."""
+    threads over the running mean of a worker's time per request (decoding and answering
+    included), or of the model run alone before any request (None before either)."""
     beat = rec.heartbeat if rec else None
     if rec is None or beat is None or beat.session != rec.session:
         return None
     stats = beat.stats.get(slot)
-    if stats is None or not stats.inference_ms:
+    per_request = (stats.service_ms or stats.inference_ms) if stats else None
+    if stats is None or not per_request:
         return None
-    return stats.workers * 1000.0 / stats.inference_ms
+    return stats.workers * 1000.0 / per_request
 
 
 def _weigh(svc: Service, registry: Registry) -> None:

@@ -111,6 +111,7 @@ class Replica:
         self.served = 0
         self.inference_ms: float | None = None  # running means, reported in heartbeats
         self.queue_ms: float | None = None
+        self.service_ms: float | None = None
         self._outputs: list[int] = []  # model output i goes out as the pipeline's output
         self._models: list[Model] = []
         self._model_locks: list[threading.Lock] = []  # a model runs on one thread at a time
@@ -226,6 +227,7 @@ class Replica:
             served=served,
             inference_ms=r(self.inference_ms),
             queue_ms=r(self.queue_ms),
+            service_ms=r(self.service_ms),
             workers=self.workers,
             rate=r(rate),
         )
@@ -454,8 +456,12 @@ class Replica:
 
     def _run_job(self, index: int, job: Job) -> None:
         """Serve one job with model `index` (its lock held, `_running` counted)."""
+        started = time.monotonic()
         try:
             self._serve(self._models[index], job)
+            took = (time.monotonic() - started) * 1000
+            with self._lock:
+                self.service_ms = _mean(self.service_ms, took)
         except Exception:
             log.exception("%s: request %s failed", self.slot, job.key)
             self._fail(job, Code.INTERNAL, "the node failed while serving this request")
@@ -551,15 +557,8 @@ class Replica:
     def _count(self, queue_ms: float, inference_ms: float) -> None:
         with self._lock:
             self.served += 1
-            w = STATS_WEIGHT
-            self.inference_ms = (
-                inference_ms
-                if self.inference_ms is None
-                else (1 - w) * self.inference_ms + w * inference_ms
-            )
-            self.queue_ms = (
-                queue_ms if self.queue_ms is None else (1 - w) * self.queue_ms + w * queue_ms
-            )
+            self.inference_ms = _mean(self.inference_ms, inference_ms)
+            self.queue_ms = _mean(self.queue_ms, queue_ms)
 
     def _pass_on(
         self, job: Job, route: Route, specs: list[TensorInfo], outputs: list[np.ndarray]
@@ -621,3 +620,8 @@ class Replica:
                 Outgoing(self.topics.service_done(self.name), codec.encode(done), 1),
             ]
         )
+
+
+def _mean(old: float | None, new: float) -> float:
+    """Running mean, the newest value weighted STATS_WEIGHT."""
+    return new if old is None else (1 - STATS_WEIGHT) * old + STATS_WEIGHT * new

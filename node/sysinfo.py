@@ -130,4 +130,3 @@ def one_line(exc: BaseException) -> str:
     """An exception's message on one line (its type name when it has none)."""
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
-

@@ -130,6 +130,9 @@ class ReplicaStats(BaseModel):
         None, description="Model run time: warm-up at deploy, then a running mean of traffic"
     )
     queue_ms: float | None = Field(None, description="Running mean of time spent queued")
+    service_ms: float | None = Field(
+        None, description="Running mean of a worker's time per request: decode, run, answer"
+    )
     workers: int = Field(1, ge=1, description="Worker threads (interpreters) it runs")
     rate: float | None = Field(None, description="Requests per second since the last heartbeat")
 

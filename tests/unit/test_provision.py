@@ -656,3 +656,14 @@ def test_fewer_replicas_drop_the_slowest_and_more_avoid_nodes_that_ran_it_slowly
     p.on_spec(NAME, spec(replicas=2, revision="r3"))
     deploys = [c.node for c in sends(p.step(reg, 5.0), "deploy") if c.node != "n2"]
     assert deploys == ["n3"]
+
+
+def test_capacity_counts_a_workers_whole_time_per_request_once_measured() -> None:
+    reg = registry("n1", "n2")
+    p, _ = deployed(reg, spec())
+    for node, service_ms in (("n1", 4.0), ("n2", None)):
+        rec = reg.nodes[node]
+        assert rec.heartbeat is not None
+        stats = m.ReplicaStats(served=5, inference_ms=2.0, service_ms=service_ms)
+        rec.heartbeat = rec.heartbeat.model_copy(update={"stats": {NAME: stats}})
+    assert weights(last_status(p.step(reg, 3.0))) == {"n1": 250.0, "n2": 500.0}

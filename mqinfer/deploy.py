@@ -30,7 +30,7 @@ from mqinfer.servicefile import (
     service_spec,
     whole_model,
 )
-from mqinfer.split import SplitError, split_model
+from mqinfer.split import SplitError, pipeline_file, split_model
 from mqinfer.upload import Uploader, progress_bar
 from protocol import codec
 from protocol import messages as m
@@ -351,15 +351,7 @@ def _model_files(
             f"{seg.manifest.size} bytes, {seg.latency_ms or 0:.2f} ms here",
             file=sys.stderr,
         )
-    return model, read_pipeline(tmp / f"{_stem(path)}.pipeline.json")
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".tflite", ".onnx"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return model, read_pipeline(tmp / pipeline_file(path))
 
 
 def _run_undeploy(args: argparse.Namespace) -> int:

@@ -58,7 +58,7 @@ from mqinfer.split.plan import (
     TRANSFER_MS_PER_BYTE,
     TRANSFER_MS_PER_MESSAGE,
 )
-from mqinfer.split.splitter import split_model, split_temporarily
+from mqinfer.split.splitter import pipeline_file, split_model, split_temporarily
 from mqinfer.split.verification import ONNX_TOLERANCE, RANDOM_INPUTS, SEED, verify, verify_files
 
 __all__ = [
@@ -80,6 +80,7 @@ __all__ = [
     "main",
     "median_ms",
     "paired_ratio",
+    "pipeline_file",
     "random_inputs",
     "read_sample",
     "report",

@@ -15,7 +15,7 @@ from mqinfer.split.errors import SplitError
 from mqinfer.split.graph import _count, _format
 from mqinfer.split.measure import _backend, _load
 from mqinfer.split.plan import MB
-from mqinfer.split.splitter import _manifest_beside, split_model
+from mqinfer.split.splitter import _manifest_beside, pipeline_file, split_model
 from mqinfer.split.verification import ONNX_TOLERANCE
 from protocol.manifest import Pipeline, TensorInfo
 
@@ -228,7 +228,6 @@ def report(pipeline: Pipeline, directory: Path, seconds: float, *, by_cost: bool
             f"verified on {v.inputs} inputs: outputs within {v.tolerance:.3g} of the whole "
             f"model's (largest difference {v.max_abs_diff:.3g})"
         )
-    stem = segments[0].manifest.name.rsplit(".", 1)[0]
-    files = [seg.manifest.file for seg in segments] + [f"{stem}.pipeline.json"]
+    files = [seg.manifest.file for seg in segments] + [pipeline_file(pipeline.model)]
     lines.append("wrote " + ", ".join(str(directory / f) for f in files))
     return "\n".join(lines)

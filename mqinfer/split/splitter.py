@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from mqinfer.servicefile import PIPELINE_SUFFIX
 from mqinfer.split.cuts import _analyse, _check_positions, _refusal
 from mqinfer.split.errors import SplitError
 from mqinfer.split.graph import SUFFIXES, _format, _read_graph
@@ -30,6 +31,13 @@ from mqinfer.split.verification import (
     verify,
 )
 from protocol.manifest import Manifest, Pipeline, Segment
+
+
+def pipeline_file(model: str | Path) -> str:
+    """The name of the pipeline manifest `split_model` writes for `model`:
+    ``m.tflite`` -> ``m.pipeline.json``."""
+    path = Path(model)
+    return path.name[: -len(SUFFIXES[_format(path)])] + PIPELINE_SUFFIX
 
 
 def split_model(
@@ -149,7 +157,7 @@ def split_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     for file, part in zip(files, built, strict=True):
         (out_dir / file).write_bytes(part.data)
-    (out_dir / f"{stem}.pipeline.json").write_text(pipeline.model_dump_json(indent=2) + "\n")
+    (out_dir / pipeline_file(path)).write_text(pipeline.model_dump_json(indent=2) + "\n")
     return pipeline
 
 

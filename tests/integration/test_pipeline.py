@@ -18,6 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from mqinfer.split import pipeline_file
 from protocol import tensors
 from protocol.manifest import TensorInfo
 from protocol.topics import Topics
@@ -198,8 +199,7 @@ def split_beside_a_copy(model: Path, out: Path, segments: int) -> Path:
     shutil.copy(model.with_suffix(".json"), out / model.with_suffix(".json").name)
     done = mqinfer("split", str(out / model.name), "--segments", str(segments), "-o", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
-    stem = model.name.removesuffix(".tflite").removesuffix(".onnx")
-    manifest = out / f"{stem}.pipeline.json"
+    manifest = out / pipeline_file(model)
     assert manifest.is_file(), sorted(p.name for p in out.iterdir())
     return manifest
 

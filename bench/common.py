@@ -8,6 +8,7 @@ for context only (these machines are shared and noisy).
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import socket
 import statistics
@@ -21,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from PIL import Image
 
 from protocol.topics import Topics
 from tests.integration.harness import Broker, Procs, start_broker, wait_for
@@ -45,6 +48,23 @@ def commit() -> str:
         return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
     except OSError:
         return "unknown"
+
+
+def camera_frame(image_format: str = "JPEG", noise: float = 0.0) -> bytes:
+    """A 224x224 camera-like picture: smooth gradients and a few shapes, with pixel noise of
+    this standard deviation (seeded). As JPEG (quality 85) without noise it is about 10 KB;
+    as PNG it needs the noise to be camera-sized (about 80 KB at 3), since smooth gradients
+    alone compress to 1 KB."""
+    y, x = np.mgrid[0:224, 0:224]
+    rgb = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.int16)
+    rgb[60:120, 80:160] = (200, 40, 40)
+    rgb[140:200, 20:90] = (30, 160, 220)
+    if noise:
+        rgb += np.random.default_rng(0).normal(0, noise, rgb.shape).round().astype(np.int16)
+    out = io.BytesIO()
+    options = {"quality": 85} if image_format == "JPEG" else {}
+    Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB").save(out, image_format, **options)
+    return out.getvalue()
 
 
 def machine() -> str:

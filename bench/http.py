@@ -21,7 +21,6 @@ import argparse
 import http.client
 import importlib.metadata
 import importlib.util
-import io
 import itertools
 import socket
 import statistics
@@ -34,12 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import orjson
 from fastapi import Body, FastAPI, HTTPException, Response
-from PIL import Image
 
-from bench.common import REPO, Cluster, Load, Report, Run, machine, spread, until
+from bench.common import REPO, Cluster, Load, Report, Run, camera_frame, machine, spread, until
 from broker.ports import free_port
 from mqinfer.servicefile import read_model
 from node.runtimes import Model, RuntimeFailure, available_backends, warm_up
@@ -55,20 +52,6 @@ MODELS = {
 }
 DIGIT_PNG = REPO / "models" / "digits" / "samples" / "digit_7_0.png"
 GOAL = 0.8  # mqinfer's p50 latency at most this times the HTTP endpoint's
-
-
-def frame() -> bytes:
-    """bench.pipeline's 224x224 camera-like picture with a camera's pixel noise, as a PNG
-    (about 80 KB; without the noise its smooth gradients compress to 1 KB, which no
-    camera frame does)."""
-    y, x = np.mgrid[0:224, 0:224]
-    rgb = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.int16)
-    rgb[60:120, 80:160] = (200, 40, 40)
-    rgb[140:200, 20:90] = (30, 160, 220)
-    rgb += np.random.default_rng(0).normal(0, 3, rgb.shape).round().astype(np.int16)
-    out = io.BytesIO()
-    Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB").save(out, format="PNG")
-    return out.getvalue()
 
 
 # ---- the HTTP endpoint (runs in the uvicorn process) -----------------------------------
@@ -288,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     began = time.perf_counter()
     report = Report("mqinfer against FastAPI + uvicorn")
-    payloads = {"digits": DIGIT_PNG.read_bytes(), "mnv2": frame()}
+    payloads = {"digits": DIGIT_PNG.read_bytes(), "mnv2": camera_frame("PNG", noise=3)}
     counts = {"digits": args.count, "mnv2": max(args.count // 2, 10)}
     results: dict[str, dict[str, Rounds]] = {}
     with tempfile.TemporaryDirectory(prefix="mqinfer-bench-") as tmp:

@@ -11,7 +11,6 @@ flight: the pipeline can only win by running its stages at the same time.
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import tempfile
 import threading
@@ -19,25 +18,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from bench.common import REPO, Cluster, Load, Report, machine, spread, until
+from bench.common import REPO, Cluster, Load, Report, camera_frame, machine, spread, until
 from mqinfer.split import split_temporarily
 from node.runtimes import Model, available_backends, warm_up
 
 DEFAULT_MODEL = REPO / "models" / "mobilenet_v2" / "mobilenet_v2_f32.tflite"
 GOAL = 1.7
-
-
-def frame() -> bytes:
-    """A 224x224 camera-like JPEG: smooth gradients and a few shapes (about 10 KB)."""
-    y, x = np.mgrid[0:224, 0:224]
-    rgb = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
-    rgb[60:120, 80:160] = (200, 40, 40)
-    rgb[140:200, 20:90] = (30, 160, 220)
-    out = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(out, format="JPEG", quality=85)
-    return out.getvalue()
 
 
 def compute_bound(model: Path, cuts: list[int], seconds: float = 2.0) -> tuple[float, float]:
@@ -98,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             status = {s["name"]: s for s in cluster.status()["services"]}
             placed = {r["stage"]: r["node"] for r in status["pipe"]["replicas"]}
             whole_on = [r["node"] for r in status["whole"]["replicas"]]
-            payload = frame()
+            payload = camera_frame("JPEG")
             loads = {name: Load(cluster.broker, cluster.prefix, name) for name in ("whole", "pipe")}
             for load in loads.values():
                 load.run(payload, 30, args.window)  # warm-up

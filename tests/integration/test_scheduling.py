@@ -15,6 +15,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from protocol import codec
+from protocol import messages as m
 from protocol.topics import Topics
 from tests.integration.harness import Broker, InProcessCoordinator, Observer, Procs, wait_for
 from tests.integration.requests import REPO, Requester, deploy
@@ -23,7 +25,7 @@ MOBILENET = REPO / "models" / "mobilenet_v2" / "mobilenet_v2_int8.tflite"
 DIGITS = REPO / "models" / "digits" / "digits_int8.tflite"
 
 
-def served_by(req: Requester, prefix: str, count: int, tag: str) -> Counter[str]:
+def served_by(req: Requester, count: int, tag: str) -> Counter[str]:
     """Send `count` MobileNetV2 frames, 8 in flight; how many each node answered."""
     rng = np.random.default_rng(len(tag))
     frames = {
@@ -45,17 +47,11 @@ def command(broker: Broker, prefix: str, node: str, op: str, **args: Any) -> Non
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     try:
-        payload = f'{{"v":1,"id":"x1","op":"{op}","args":{_json(args)}}}'
+        payload = codec.encode(m.Command(id="x1", op=op, args=args))
         client.publish(Topics(prefix).node_cmd(node), payload, qos=1).wait_for_publish(10)
     finally:
         client.loop_stop()
         client.disconnect()
-
-
-def _json(args: dict[str, Any]) -> str:
-    import orjson
-
-    return orjson.dumps(args).decode()
 
 
 def test_the_fastest_node_gets_the_replica(
@@ -90,19 +86,19 @@ def test_a_fast_node_serves_more_and_a_node_that_slows_down_gets_less(
     wait_for(lambda: len(weights(observer, prefix, "mnv2")) == 2, "routing weights")
     req = Requester(broker, prefix, "mnv2")
     try:
-        first = served_by(req, prefix, 150, "a")
+        first = served_by(req, 150, "a")
         assert first["fast"] > 2 * first["slow"], first
         assert first["slow"] > 0, first  # the slow node still takes its share
 
         command(broker, prefix, "fast", "artificial_slowdown", factor=8)
-        served_by(req, prefix, 60, "b")  # the nodes measure the new speed as they serve
+        served_by(req, 60, "b")  # the nodes measure the new speed as they serve
 
         def flipped() -> bool:
             w = weights(observer, prefix, "mnv2")
             return len(w) == 2 and w["fast"] < w["slow"]
 
         wait_for(flipped, "the weights to follow the slowdown", timeout=30)
-        second = served_by(req, prefix, 150, "c")
+        second = served_by(req, 150, "c")
         assert second["slow"] > second["fast"], second
     finally:
         req.close()

@@ -397,12 +397,12 @@ def _merge(statuses: list[m.ServiceStatus]) -> m.ServiceStatus:
     """A pipeline's status from its stages': it serves only when every stage does."""
     if len(statuses) == 1 and not statuses[0].stages:
         return statuses[0]
-    statuses = sorted(statuses, key=lambda s: s.replicas[0].stage or 0 if s.replicas else 0)
+    statuses = sorted(statuses, key=lambda s: m.parse_slot(s.name)[1] or 0)  # stage order
     first = statuses[0]
     states = [s.state for s in statuses]
     if "failed" in states:
         state = "failed"
-    elif any(s.state == "deploying" for s in statuses):
+    elif "deploying" in states:
         state = "deploying"
     elif "degraded" in states:
         state = "degraded"
@@ -411,7 +411,7 @@ def _merge(statuses: list[m.ServiceStatus]) -> m.ServiceStatus:
     reasons = [f"{s.name}: {s.reason}" for s in statuses if s.reason]
     return first.model_copy(
         update={
-            "name": first.name.partition(":")[0],
+            "name": m.parse_slot(first.name)[0],
             "state": state,
             "reason": "; ".join(reasons) or None,
             "replicas": [r for s in statuses for r in s.replicas],

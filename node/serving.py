@@ -491,7 +491,8 @@ class Replica:
                     self.manifest.preprocessing if self.manifest else None,
                     max_bytes=self.max_request_bytes,
                 )
-                route = self._route(job, decoded.request_id)
+                if decoded.request_id is not None:  # a JSON body named its request id
+                    route = self._route(job, decoded.request_id)
                 if decoded.deadline_ms is not None:
                     waited = (time.monotonic() - job.received) * 1000
                     if waited > decoded.deadline_ms:

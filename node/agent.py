@@ -12,11 +12,14 @@ from node import sysinfo
 from node.artifacts import ArtifactStore, default_cache_dir
 from node.capabilities import Probe, capabilities, reference_ms
 from node.commands import CommandHandler
+from node.fetch import META_WAIT, Fetcher
+from node.provisioning import Provisioning
 from node.runtimes import Backend
 from node.serving import DEFAULT_MAX_REQUEST_BYTES, Replica
 from protocol import codec
 from protocol import messages as m
 from protocol.errors import ProtocolError
+from protocol.statuses import Statuses
 from protocol.topics import Kind, Ref, Topics
 
 log = logging.getLogger("mqinfer.node")
@@ -36,9 +39,10 @@ class NodeAgent:
         backends: dict[str, Backend] | None = None,
         cache_dir: Path | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-        fetch_timeout: float = 120.0,
         max_workers: int | None = None,
         artificial_slowdown: float = 1.0,
+        max_model_bytes: int | None = None,
+        artifact_wait: float = META_WAIT,
     ) -> None:
         self.node_id = node_id
         self.name = f"node {node_id}"
@@ -56,19 +60,60 @@ class NodeAgent:
         self._born = False
         self._lock = threading.Lock()
         self.backends = backends or {}
-        self.store = ArtifactStore(cache_dir or default_cache_dir(node_id), topics)
+        self.store = ArtifactStore(cache_dir or default_cache_dir(node_id))
         self.max_request_bytes = max_request_bytes
-        self.fetch_timeout = fetch_timeout
+        self.max_model_bytes = max_model_bytes
+        self.fetcher = Fetcher(
+            self.store, topics, self.connection, self.model_bytes_limit, meta_wait=artifact_wait
+        )
         self.max_workers = max_workers
         self.artificial_slowdown = artificial_slowdown
         self.speed_ms = reference_ms()
         self.replicas: dict[str, Replica] = {}  # by slot: 'name', or 'name:k' for a stage
-        self.provision_lock = threading.Lock()  # one deploy/undeploy at a time
+        self.statuses: dict[str, Statuses] = {}  # by service: the statuses read ([T-STATUS-2])
+        self.coordinator_session: int | None = None
         self.commands = CommandHandler(self)
+        self.provisioning = Provisioning(self, self.commands.finished)
 
     @property
     def session(self) -> int:
         return self._session
+
+    def connection(self) -> Connection | None:
+        """The live connection, if any (for work off the network thread)."""
+        conn = self._conn
+        return conn if conn is not None and conn.alive else None
+
+    def model_bytes_limit(self) -> int:
+        """The largest model this node takes in now: half its available memory, or less
+        (--max-model-mb)."""
+        _total, available = sysinfo.memory_mb()
+        limit = available * 2**20 // 2
+        return min(limit, self.max_model_bytes) if self.max_model_bytes else limit
+
+    def remove(self, conn: Connection | None, slot: str) -> bool:
+        """Stop serving a slot: unsubscribe its topics, answer its queue, free its models."""
+        replica = self.replicas.pop(slot, None)
+        if replica is None:
+            return False
+        # Another stage of the same pipeline on this node may share a filter (the status).
+        still = {f for r in list(self.replicas.values()) for f in r.filters()}
+        gone = [f for f in replica.filters() if f not in still]
+        if gone and conn is not None:
+            try:
+                conn.unsubscribe(gone)
+            except MQTTError as e:
+                log.debug("unsubscribe %s: %s", slot, e)
+        replica.stop()
+        log.info("%s: stopped serving %s", self.name, slot)
+        return True
+
+    def close(self) -> None:
+        """Stop the provisioning thread, the fetcher and every replica (after the session)."""
+        self.provisioning.close()
+        self.fetcher.close()
+        for slot in list(self.replicas):
+            self.remove(None, slot)
 
     # ---- session hooks ------------------------------------------------------------
 
@@ -87,7 +132,11 @@ class NodeAgent:
             self._born = False  # until our 'online' is out, the retained state is old news
         # [T-CMD-1] subscribe before birth, so no command sent after "online" is missed.
         conn.subscribe(
-            [(self.topics.node_cmd(self.node_id), 1), (self.topics.node_state(self.node_id), 1)]
+            [
+                (self.topics.node_cmd(self.node_id), 1),
+                (self.topics.node_state(self.node_id), 1),
+                (self.topics.coordinator_state(), 1),  # whose statuses to believe
+            ]
         )
         for replica in list(self.replicas.values()):  # a reconnect keeps serving
             conn.subscribe([(f, 1) for f in replica.filters()])
@@ -193,11 +242,13 @@ class NodeAgent:
         elif kind is Kind.SERVICE_DONE or kind is Kind.SERVICE_STATUS:
             self._service_message(ref, message)
         elif kind is Kind.ARTIFACT_META or kind is Kind.ARTIFACT_CHUNK:
-            self.store.on_message(ref, message)
+            self.fetcher.on_message(ref, message.payload)
         elif kind is Kind.NODE_CMD:
             self.commands.handle(conn, message)
         elif kind is Kind.NODE_STATE:
             self._check_own_state(conn, message)
+        elif kind is Kind.COORDINATOR_STATE:
+            self._coordinator_state(message)
 
     def _head(self, service: str) -> Replica | None:
         """The replica that takes the service's requests: the whole model or stage 0."""
@@ -206,11 +257,28 @@ class NodeAgent:
     def replicas_of(self, service: str) -> list[Replica]:
         return [r for r in list(self.replicas.values()) if r.name == service]
 
+    def _coordinator_state(self, message: Message) -> None:
+        try:
+            state = (
+                codec.decode_as(m.CoordinatorState, message.payload) if message.payload else None
+            )
+        except ProtocolError as e:
+            log.warning("%s: ignoring coordinator state: %s", self.name, e)
+            return
+        self.coordinator_session = state.session if state else None
+        for name, kept in list(self.statuses.items()):
+            before = kept.status
+            kept.current = self.coordinator_session
+            if kept.status is not None and kept.status != before:
+                for replica in self.replicas_of(name):
+                    replica.on_status(kept.status)
+
     def _service_message(self, ref: Ref, message: Message) -> None:
         replicas = self.replicas_of(ref.service or "")
         if not replicas:
             return
         if not message.payload:  # the status was cleared: the service is gone
+            self.statuses.pop(ref.service or "", None)
             for replica in replicas:
                 replica.on_status(m.ServiceStatus(name=replica.name, state="removed"))
             return
@@ -219,6 +287,14 @@ class NodeAgent:
         except ProtocolError as e:
             log.warning("%s: ignoring message on %s: %s", self.name, message.topic, e)
             return
+        if isinstance(msg, m.ServiceStatus):
+            # [T-STATUS-2] only the current coordinator's statuses route requests.
+            kept = self.statuses.setdefault(msg.name, Statuses(current=self.coordinator_session))
+            if not kept.take(msg) or kept.status is not msg:
+                log.debug(
+                    "%s: status of %s not taken (session %s)", self.name, msg.name, msg.session
+                )
+                return
         for replica in replicas:
             if isinstance(msg, m.ServiceStatus):
                 replica.on_status(msg)

@@ -1,31 +1,28 @@
-"""Model artifacts on the node: fetched over MQTT in chunks, cached on disk by sha256.
+"""Model artifacts on the node: cached on disk by sha256, and only there.
 
-An artifact is published retained as `artifacts/{sha256}/chunk/{i}` plus a meta message
-that names the chunk count. The node subscribes, collects every chunk, checks the sha256 of
-the whole and only then writes `{cache}/{sha256}{ext}`. A cached file is hashed again when
-it is used, so a file damaged on disk is fetched anew instead of being run.
+A cached artifact is `{cache}/{sha256}{ext}`. The sha256 is checked (64 lowercase hex
+digits) before any path is built, and every path is checked to lie in the cache directory,
+so no message can make the node read, write or delete a file anywhere else. A cached file is
+hashed again when it is used, so a file damaged on disk is fetched anew instead of run.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
-import threading
-import time
-from dataclasses import dataclass, field
+import shutil
 from pathlib import Path
 
-from mqinfer.client import Connection, Message
-from protocol import codec
-from protocol import messages as m
 from protocol.errors import Code, ProtocolError
 from protocol.manifest import FORMAT_SUFFIXES
-from protocol.topics import Ref, Topics
+from protocol.topics import TopicError, check_sha256
 
 log = logging.getLogger("mqinfer.node")
 
 EXTENSIONS = {fmt: suffix for suffix, fmt in FORMAT_SUFFIXES}
+DISK_HEADROOM = 64 * 1024 * 1024  # bytes a cache write leaves free (a tenth of a smaller disk)
 
 
 def sha256_of(data: bytes) -> str:
@@ -37,30 +34,27 @@ def default_cache_dir(node_id: str) -> Path:
     return Path(base) / "mqinfer" / node_id
 
 
-@dataclass
-class _Fetch:
-    sha256: str
-    meta: m.ArtifactMeta | None = None
-    chunks: dict[int, bytes] = field(default_factory=dict)
-    changed: threading.Condition = field(default_factory=threading.Condition)
-
-
 class ArtifactStore:
-    """The node's artifact cache, and the fetcher that fills it from the broker."""
+    """The node's artifact cache: one directory, files named by their sha256."""
 
-    def __init__(self, cache_dir: Path, topics: Topics) -> None:
+    def __init__(self, cache_dir: Path) -> None:
         self.dir = cache_dir
-        self.topics = topics
-        self._fetches: dict[str, _Fetch] = {}
-        self._lock = threading.Lock()
 
     def path(self, sha256: str, fmt: str) -> Path:
+        """The cache file of an artifact; never a path outside the cache directory."""
+        try:
+            check_sha256(sha256)
+        except TopicError as e:
+            raise ProtocolError(Code.BAD_MESSAGE, str(e)) from None
         ext = EXTENSIONS.get(fmt)
         if ext is None:
             raise ProtocolError(
                 Code.UNSUPPORTED_FORMAT, f"format {fmt!r}; expected one of {sorted(EXTENSIONS)}"
             )
-        return self.dir / f"{sha256}{ext}"
+        path = self.dir / f"{sha256}{ext}"
+        if path.parent != self.dir:  # cannot happen with a checked hash; kept as a guard
+            raise ProtocolError(Code.BAD_MESSAGE, f"artifact {sha256!r} is not a file name")
+        return path
 
     def cached(self) -> list[str]:
         """sha256 of every artifact in the cache (by file name; verified when used)."""
@@ -73,7 +67,8 @@ class ArtifactStore:
         }
         return sorted(n for n in names if all(c in "0123456789abcdef" for c in n))
 
-    def _verified(self, sha256: str, fmt: str) -> Path | None:
+    def verified(self, sha256: str, fmt: str) -> Path | None:
+        """The cached file if its bytes still hash to its name; a damaged one is removed."""
         path = self.path(sha256, fmt)
         try:
             data = path.read_bytes()
@@ -81,9 +76,26 @@ class ArtifactStore:
             return None
         if sha256_of(data) == sha256:
             return path
-        log.warning("cached artifact %s is damaged; fetching it again", path)
-        path.unlink(missing_ok=True)
+        log.warning("cached artifact %s is damaged; fetching it again", path.name)
+        self._unlink(path)
         return None
+
+    def check_room(self, size: int) -> None:
+        """Refuse early an artifact the cache's disk cannot hold ([storage_failed])."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            disk = shutil.disk_usage(self.dir)
+        except OSError as e:
+            raise ProtocolError(
+                Code.STORAGE_FAILED, f"cache {self.dir} is not usable: {e.strerror or e}"
+            ) from None
+        keep = min(DISK_HEADROOM, disk.total // 10)
+        if size + keep > disk.free:
+            raise ProtocolError(
+                Code.STORAGE_FAILED,
+                f"the model is {size / 2**20:.1f} MB and the cache's disk has "
+                f"{disk.free / 2**20:.1f} MB free ({keep / 2**20:.1f} MB are kept free)",
+            )
 
     def put(self, sha256: str, fmt: str, data: bytes) -> Path:
         got = sha256_of(data)
@@ -94,74 +106,25 @@ class ArtifactStore:
                 "refusing it (re-upload the model)",
             )
         path = self.path(sha256, fmt)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            self._unlink(tmp)
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            why = "the disk is full" if full else (e.strerror or str(e))
+            raise ProtocolError(
+                Code.STORAGE_FAILED, f"could not write {len(data)} bytes to {self.dir}: {why}"
+            ) from None
         return path
 
-    # ---- fetching (the caller's thread; messages arrive on the network thread) ----------
-
-    def get(self, conn: Connection, sha256: str, fmt: str, timeout: float) -> Path:
-        """The cached file, fetched from the broker first if needed. Never on the
-        network thread: it waits for the broker."""
-        path = self._verified(sha256, fmt)
-        if path is not None:
-            return path
-        fetch = _Fetch(sha256)
-        with self._lock:
-            self._fetches[sha256] = fetch
-        filters = [self.topics.artifact_meta(sha256), self.topics.artifact_chunks(sha256)]
+    def _unlink(self, path: Path) -> None:
+        """Remove a file of the cache, and only of the cache."""
+        if path.parent != self.dir:
+            raise RuntimeError(f"refusing to remove {path}: not in the cache {self.dir}")
         try:
-            conn.subscribe([(f, 1) for f in filters])
-            data = self._wait(fetch, timeout)
-        finally:
-            with self._lock:
-                self._fetches.pop(sha256, None)
-            try:
-                conn.unsubscribe(filters)
-            except Exception as e:  # the session may be gone; nothing to undo then
-                log.debug("unsubscribe after fetch: %s", e)
-        return self.put(sha256, fmt, data)
-
-    def _wait(self, fetch: _Fetch, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
-        with fetch.changed:
-            while True:
-                meta = fetch.meta
-                if meta is not None and all(i in fetch.chunks for i in range(meta.chunks)):
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    if meta is None:
-                        what = "no artifacts/.../meta was found (was the model uploaded?)"
-                    else:
-                        missing = [i for i in range(meta.chunks) if i not in fetch.chunks]
-                        what = f"chunks {missing[:10]} of {meta.chunks} are missing"
-                    raise ProtocolError(
-                        Code.BAD_ARTIFACT,
-                        f"artifact {fetch.sha256[:12]}: {what} after {timeout:.0f} s",
-                    )
-                fetch.changed.wait(min(left, 1.0))
-            return b"".join(fetch.chunks[i] for i in range(meta.chunks))
-
-    def on_message(self, ref: Ref, message: Message) -> None:
-        """A meta or chunk message (network thread)."""
-        if ref.artifact is None:
-            return
-        with self._lock:
-            fetch = self._fetches.get(ref.artifact)
-        if fetch is None or not message.payload:
-            return
-        with fetch.changed:
-            if ref.chunk is not None:
-                fetch.chunks[int(ref.chunk)] = message.payload
-            else:
-                try:
-                    meta = codec.decode_for(ref, message.payload)
-                except ProtocolError as e:
-                    log.warning("artifact %s: unreadable meta: %s", ref.artifact[:12], e)
-                    return
-                if isinstance(meta, m.ArtifactMeta):
-                    fetch.meta = meta
-            fetch.changed.notify_all()
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("could not remove %s: %s", path, e)

@@ -9,6 +9,7 @@ from pathlib import Path
 from mqinfer import options, session
 from node.agent import NodeAgent
 from node.capabilities import probe_host, probe_runtimes
+from node.fetch import META_WAIT
 from node.runtimes import available_backends
 
 log = logging.getLogger("mqinfer.node")
@@ -58,6 +59,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "error (env MQINFER_MAX_REQUEST_MB; default %(default)s)",
     )
     p.add_argument(
+        "--max-model-mb",
+        type=float,
+        default=float(options.env("MAX_MODEL_MB", "0")) or None,
+        help="largest model file this node takes in, in MB; never more than half its "
+        "available memory (env MQINFER_MAX_MODEL_MB; default: that half)",
+    )
+    p.add_argument(
+        "--artifact-wait",
+        type=float,
+        default=float(options.env("ARTIFACT_WAIT", str(META_WAIT))),
+        help="seconds to wait for a model's retained meta on the broker before a deploy "
+        "fails with artifact_missing (env MQINFER_ARTIFACT_WAIT; default %(default)s)",
+    )
+    p.add_argument(
         "--max-workers",
         type=int,
         default=int(options.env("MAX_WORKERS", "0")) or None,
@@ -94,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.max_request_mb <= 0:
         args.parser.error("--max-request-mb: expected a number > 0")
+    if args.max_model_mb is not None and args.max_model_mb <= 0:
+        args.parser.error("--max-model-mb: expected a number > 0")
+    if args.artifact_wait <= 0:
+        args.parser.error("--artifact-wait: expected a number of seconds > 0")
     if args.max_workers is not None and args.max_workers < 1:
         args.parser.error("--max-workers: expected 1 or more")
     if not 1 <= args.artificial_slowdown <= 100:
@@ -117,6 +136,11 @@ def run(args: argparse.Namespace) -> int:
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
         max_workers=args.max_workers,
         artificial_slowdown=args.artificial_slowdown,
+        max_model_bytes=int(args.max_model_mb * 2**20) if args.max_model_mb else None,
+        artifact_wait=args.artifact_wait,
     )
     stop = options.stop_on_signals()
-    return session.run(agent, url, stop, protocol=args.mqtt_version)
+    try:
+        return session.run(agent, url, stop, protocol=args.mqtt_version)
+    finally:
+        agent.close()

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
-from mqinfer.client import Connection, Message, MQTTError
-from node.serving import Replica
+from mqinfer.client import Connection, Message, MQTTError, NotConnected
 from protocol import codec
 from protocol import messages as m
 from protocol.errors import Code, ProtocolError
@@ -35,103 +31,6 @@ def _announce(agent: NodeAgent, conn: Connection, _cmd: m.Command) -> dict[str, 
     return {"session": agent.session}
 
 
-def _deploy(agent: NodeAgent, conn: Connection, cmd: m.Command) -> dict[str, Any]:
-    """Fetch the artifact, load and warm the model, subscribe, then answer 'ready'."""
-    spec = _spec(cmd)
-    stage = _stage(cmd, spec)
-    slot = m.slot(spec.name, stage)
-    ours = spec.for_stage(stage)
-    with agent.provision_lock:
-        current = agent.replicas.get(slot)
-        if current is not None and current.update(spec):
-            return {"service": spec.name, "stage": stage, "state": "ready", "already": True}
-        if current is not None:
-            _remove(agent, conn, slot)
-        backend = agent.backends.get(spec.format)
-        if backend is None:
-            raise ProtocolError(
-                Code.UNSUPPORTED_FORMAT,
-                f"{ours.model} is {spec.format!r}; this node runs {sorted(agent.backends)}",
-            )
-        path = agent.store.get(conn, ours.artifact, spec.format, agent.fetch_timeout)
-        replica = Replica(
-            node_id=agent.node_id,
-            spec=spec,
-            path=path,
-            backend=backend,
-            topics=agent.topics,
-            send=agent.send,
-            max_request_bytes=agent.max_request_bytes,
-            stage=stage,
-            max_workers=agent.max_workers,
-            artificial_slowdown=agent.artificial_slowdown,
-        )
-        detail = replica.load()
-        agent.replicas[slot] = replica
-        # Subscribed before the reply: once the coordinator lists us as ready, we see every
-        # request the other replicas see ([T-SERVE-1]).
-        conn.subscribe([(f, 1) for f in replica.filters()])
-        replica.start()
-    agent.announce(conn)  # the cache changed
-    log.info("%s: serving %s (%s)", agent.name, slot, ours.model)
-    return {"service": spec.name, "stage": stage, "state": "ready", **detail}
-
-
-def _undeploy(agent: NodeAgent, conn: Connection, cmd: m.Command) -> dict[str, Any]:
-    """args.service, and args.stage for one stage of a pipeline (else all of the service)."""
-    name = cmd.args.get("service")
-    if not isinstance(name, str):
-        raise ProtocolError(Code.BAD_MESSAGE, "undeploy needs args.service (a service name)")
-    stage = cmd.args.get("stage")
-    if stage is not None and (not isinstance(stage, int) or isinstance(stage, bool)):
-        raise ProtocolError(Code.BAD_MESSAGE, f"undeploy args.stage must be an int, not {stage!r}")
-    with agent.provision_lock:
-        if stage is None:
-            slots = [s for s, r in agent.replicas.items() if r.name == name]
-        else:
-            slots = [m.slot(name, stage)]
-        removed = [s for s in slots if _remove(agent, conn, s)]
-    return {"service": name, "stage": stage, "removed": bool(removed), "slots": removed}
-
-
-def _remove(agent: NodeAgent, conn: Connection, name: str) -> bool:
-    replica = agent.replicas.pop(name, None)
-    if replica is None:
-        return False
-    # Another stage of the same pipeline on this node may share a filter (the status).
-    still = {f for r in list(agent.replicas.values()) for f in r.filters()}
-    try:
-        gone = [f for f in replica.filters() if f not in still]
-        if gone:
-            conn.unsubscribe(gone)
-    except MQTTError as e:
-        log.debug("unsubscribe %s: %s", name, e)
-    replica.stop()
-    log.info("%s: stopped serving %s", agent.name, name)
-    return True
-
-
-def _stage(cmd: m.Command, spec: m.ServiceSpec) -> int | None:
-    stage = cmd.args.get("stage")
-    if stage is None and not spec.stages:
-        return None
-    if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage < spec.stages:
-        want = f"0-{spec.stages - 1}" if spec.stages else "none (not a pipeline)"
-        raise ProtocolError(
-            Code.BAD_MESSAGE, f"deploy args.stage is {stage!r}; {spec.name} takes {want}"
-        )
-    return stage
-
-
-def _spec(cmd: m.Command) -> m.ServiceSpec:
-    try:
-        return m.ServiceSpec.model_validate(cmd.args.get("spec"))
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "spec"
-        raise ProtocolError(Code.BAD_MESSAGE, f"deploy args.spec.{where}: {first['msg']}") from None
-
-
 def _artificial_slowdown(agent: NodeAgent, conn: Connection, cmd: m.Command) -> dict[str, Any]:
     """For experiments only: make every model run on this node `factor` times slower from
     now on (1 restores full speed). Announced as `artificial_slowdown`, never as hardware."""
@@ -152,9 +51,9 @@ OPS: dict[str, Handler] = {
     "announce": _announce,
     "artificial_slowdown": _artificial_slowdown,
 }
-# Slow operations wait on the broker and on the runtime: each runs on its own thread and
-# answers from there.
-SLOW_OPS: dict[str, Handler] = {"deploy": _deploy, "undeploy": _undeploy}
+# Slow operations wait on the broker and on the runtime: node.provisioning queues them and
+# answers when they are done.
+SLOW_OPS = ("deploy", "undeploy")
 
 
 class CommandHandler:
@@ -170,11 +69,8 @@ class CommandHandler:
         try:
             cmd = codec.decode_as(m.Command, message.payload)
             cmd_id = cmd.id
-            slow = SLOW_OPS.get(cmd.op)
-            if slow is not None:
-                threading.Thread(
-                    target=self._run, args=(conn, cmd, slow), name=f"cmd-{cmd.op}", daemon=True
-                ).start()
+            if cmd.op in SLOW_OPS:
+                self.agent.provisioning.submit(cmd)  # answered when done
                 return
             op = OPS.get(cmd.op)
             if op is None:
@@ -187,17 +83,16 @@ class CommandHandler:
             reply = self._error(cmd_id or _peek_id(message.payload), e)
         self._send(conn, reply)
 
-    def _run(self, conn: Connection, cmd: m.Command, op: Handler) -> None:
+    def finished(self, cmd: m.Command, outcome: dict[str, Any] | ProtocolError) -> None:
+        """The one reply to a provisioning command (provisioning thread)."""
+        if isinstance(outcome, ProtocolError):
+            reply = self._error(cmd.id, outcome)
+        else:
+            reply = self._ok(cmd, outcome)
+        conn = self.agent.connection()
         try:
-            reply = self._ok(cmd, op(self.agent, conn, cmd))
-        except ProtocolError as e:
-            reply = self._error(cmd.id, e)
-        except MQTTError as e:
-            reply = self._error(cmd.id, ProtocolError(Code.INTERNAL, f"broker: {e}"))
-        except Exception as e:  # [T-CMD-2] still exactly one reply
-            log.exception("%s: %s failed", self.agent.name, cmd.op)
-            reply = self._error(cmd.id, ProtocolError(Code.INTERNAL, f"{type(e).__name__}: {e}"))
-        try:
+            if conn is None:
+                raise NotConnected("no connection")
             self._send(conn, reply)
         except MQTTError as e:
             log.warning("%s: reply to %s lost: %s", self.agent.name, cmd.op, e)

@@ -60,9 +60,9 @@ def _schema_error(model: type[BaseModel], err: ValidationError) -> ProtocolError
     got = first.get("input")
     shown = repr(got)[:60]
     more = f" (and {err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
+    said = first["msg"].removeprefix("Value error, ")
     return ProtocolError(
-        Code.BAD_MESSAGE,
-        f"{model.__name__} field '{where}': {first['msg']}, got {shown}{more}",
+        Code.BAD_MESSAGE, f"{model.__name__} field '{where}': {said}, got {shown}{more}"
     )
 
 

@@ -25,7 +25,10 @@ class Code(StrEnum):
     INFERENCE_FAILED = "inference_failed"  # the runtime raised while running the model
     BAD_TENSOR = "bad_tensor"  # a stage message that is not a valid tensor message (pipelines)
     # provisioning (command replies and service status)
-    BAD_ARTIFACT = "bad_artifact"  # missing chunks, or the sha256 does not match
+    BAD_ARTIFACT = "bad_artifact"  # a meta or chunk out of bounds, or the sha256 does not match
+    ARTIFACT_MISSING = "artifact_missing"  # no meta on the broker: the model was never uploaded
+    STORAGE_FAILED = "storage_failed"  # the node could not write its cache (disk full, ...)
+    SUPERSEDED = "superseded"  # a newer command for the same service replaced this one
     UNSUPPORTED_FORMAT = "unsupported_format"  # no runtime on the node runs this format
     LOAD_FAILED = "load_failed"  # the runtime refused the model file
 

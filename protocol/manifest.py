@@ -8,11 +8,15 @@ uses the default preprocessing described on `Preprocessing`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from protocol.topics import check_sha256
 
 Format = Literal["tflite", "onnx", "edgetpu_tflite"]
+# An artifact is named by the sha256 of its bytes and nothing else: never a path.
+Sha256 = Annotated[str, AfterValidator(check_sha256)]
 
 # File name suffix of each format, most specific first.
 FORMAT_SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -82,8 +86,8 @@ class Accuracy(_Frozen):
 class Manifest(_Frozen):
     name: str
     format: Format
-    file: str = Field(description="Model file name, relative to the manifest")
-    sha256: str
+    file: str = Field(max_length=255, description="Model file name, relative to the manifest")
+    sha256: Sha256
     size: int = Field(ge=0, description="File size in bytes")
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
@@ -123,8 +127,8 @@ class Pipeline(_Frozen):
     Written by `mqinfer split` as ``{stem}.pipeline.json`` beside the segment files."""
 
     name: str
-    model: str = Field(description="File name of the whole model")
-    sha256: str = Field(description="sha256 of the whole model")
+    model: str = Field(max_length=255, description="File name of the whole model")
+    sha256: Sha256 = Field(description="sha256 of the whole model")
     format: Format
     segments: list[Segment] = Field(min_length=2)
     verification: Verification

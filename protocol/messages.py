@@ -6,13 +6,21 @@ can add fields without breaking older ones; `v` is the major protocol version ([
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from protocol.manifest import Manifest, Pipeline
+from protocol.manifest import Format, Manifest, Pipeline, Sha256
+from protocol.topics import check_id, check_slot
 
 PROTOCOL_VERSION = 1
+
+# Ids are checked where a message is decoded, not where they are used ([T-ID-1]).
+Id = Annotated[str, AfterValidator(lambda v: check_id(v))]
+Slot = Annotated[str, AfterValidator(check_slot)]
+MAX_SLOTS = 256  # services a heartbeat may list (a node runs far fewer)
+MAX_CHUNK_BYTES = 256 * 1024  # [T-ART-1]
+MAX_CHUNKS = 1_000_000  # chunk indices are 0-999999 (topics.md §1)
 
 
 class Wire(BaseModel):
@@ -69,7 +77,9 @@ class Capabilities(Wire):
     )
     accelerators: list[Accelerator] = Field(description="Usable compute devices; always a cpu")
     formats: list[str] = Field(description="Model formats this node can run")
-    models: list[str] = Field(default_factory=list, description="sha256 of cached artifacts")
+    models: list[Sha256] = Field(
+        default_factory=list, max_length=100_000, description="sha256 of cached artifacts"
+    )
     labels: dict[str, str] = Field(default_factory=dict, description="Operator-given labels")
     absent: dict[str, str] = Field(
         default_factory=dict,
@@ -112,13 +122,16 @@ class Heartbeat(Wire):
     load: tuple[float, float, float] = Field(description="1, 5, 15 min load average")
     memory_available_mb: int = Field(ge=0)
     inflight: int = Field(0, ge=0, description="Requests queued or being worked on")
-    services: dict[str, str] = Field(
+    services: dict[Slot, str] = Field(
         default_factory=dict,
+        max_length=MAX_SLOTS,
         description="Services this session runs: slot -> 'loading' | 'ready' | 'failed'; "
         "a slot is the service name, or 'name:k' for stage k of a pipeline",
     )
-    stats: dict[str, ReplicaStats] = Field(
-        default_factory=dict, description="What each slot's model costs here, measured"
+    stats: dict[Slot, ReplicaStats] = Field(
+        default_factory=dict,
+        max_length=MAX_SLOTS,
+        description="What each slot's model costs here, measured",
     )
 
 
@@ -169,8 +182,8 @@ class ErrorInfo(BaseModel):
 class Command(Wire):
     """Sent to nodes/{node}/cmd."""
 
-    id: str = Field(description="Command id, echoed in the reply")
-    op: str = Field(description="Operation, e.g. 'ping', 'announce'")
+    id: str = Field(min_length=1, max_length=128, description="Command id, echoed in the reply")
+    op: str = Field(max_length=64, description="Operation, e.g. 'ping', 'announce'")
     args: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -201,10 +214,12 @@ class Constraints(BaseModel):
 class ServiceSpec(Wire):
     """Retained on services/{service}/spec: the desired state of one service."""
 
-    name: str
-    model: str = Field(description="Model file name, for people (e.g. digits_int8.tflite)")
-    artifact: str = Field("", description="sha256 of the model file (artifacts/{sha256}/...)")
-    format: str = Field("", description="tflite, onnx or edgetpu_tflite")
+    name: Id
+    model: str = Field(
+        max_length=255, description="Model file name, for people (e.g. digits_int8.tflite)"
+    )
+    artifact: Sha256 = Field(description="sha256 of the model file (artifacts/{sha256}/...)")
+    format: Format = Field(description="tflite, onnx or edgetpu_tflite")
     size: int = Field(0, ge=0, description="Model file size in bytes")
     replicas: int = Field(1, ge=0)
     constraints: Constraints = Field(default_factory=Constraints)
@@ -251,7 +266,7 @@ ReplicaState = Literal["deploying", "ready", "failed", "removing"]
 class ReplicaStatus(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    node: str
+    node: Id
     state: ReplicaState
     reason: str | None = None
     stage: int | None = Field(None, description="Pipeline stage it runs; None: the whole model")
@@ -266,15 +281,21 @@ class ServiceStatus(Wire):
     The replicas in state 'ready' are the ones that serve requests ([T-SERVE-1]).
     """
 
-    name: str
+    name: Slot  # the service (a provisioner's per-stage status names the slot)
     state: Literal["deploying", "ready", "degraded", "failed", "removed"]
     reason: str | None = None
-    replicas: list[ReplicaStatus] = Field(default_factory=list)
+    replicas: list[ReplicaStatus] = Field(default_factory=list, max_length=10_000)
     want: int = Field(0, ge=0, description="Replicas asked for (per stage for a pipeline)")
     stages: int = Field(0, ge=0, description="Pipeline stages; 0 for a whole-model service")
-    artifact: str | None = None
+    artifact: Sha256 | None = None
     revision: str | None = Field(None, description="The spec revision this status is for")
     ts: float | None = None
+    session: int | None = Field(
+        None, description="Session of the coordinator that published it ([T-STATUS-2])"
+    )
+    seq: int | None = Field(
+        None, ge=0, description="Counts up with every status the coordinator publishes"
+    )
 
     def ready_nodes(self, stage: int | None = None) -> list[str]:
         return sorted(r.node for r in self.replicas if r.state == "ready" and r.stage == stage)
@@ -309,11 +330,31 @@ class Done(Wire):
 class ArtifactMeta(Wire):
     """Retained on artifacts/{sha256}/meta once every chunk is published."""
 
-    sha256: str
-    name: str = Field(description="Original file name, e.g. digits_int8.tflite")
-    format: str
-    size: int = Field(ge=0)
-    chunk_size: int = Field(gt=0)
-    chunks: int = Field(ge=0)
+    sha256: Sha256
+    name: str = Field(max_length=255, description="Original file name, e.g. digits_int8.tflite")
+    format: Format
+    size: int = Field(ge=1, description="File size in bytes")
+    chunk_size: int = Field(gt=0, le=MAX_CHUNK_BYTES)
+    chunks: int = Field(ge=1, le=MAX_CHUNKS)
     manifest: Manifest | None = None
     ts: float | None = None
+
+    @field_validator("chunks")
+    @classmethod
+    def _chunks_add_up(cls, chunks: int, info: ValidationInfo) -> int:
+        size, chunk_size = info.data.get("size"), info.data.get("chunk_size")
+        if size is None or chunk_size is None:
+            return chunks  # their own errors are reported
+        want = -(-size // chunk_size)
+        if chunks != want:
+            raise ValueError(
+                f"{chunks} chunks of {chunk_size} bytes do not hold {size} bytes "
+                f"(expected {want} chunks)"
+            )
+        return chunks
+
+    def chunk_length(self, index: int) -> int:
+        """How many bytes chunk `index` must have: chunk_size, the last one the rest."""
+        if index < self.chunks - 1:
+            return self.chunk_size
+        return self.size - self.chunk_size * (self.chunks - 1)

@@ -83,6 +83,15 @@ def check_id(value: str, what: str = "id") -> str:
     return value
 
 
+def check_slot(value: str) -> str:
+    """What a node runs: a service name, or 'name:k' for stage k (0-99) of a pipeline."""
+    name, sep, stage = value.partition(":") if isinstance(value, str) else ("", "", "")
+    check_id(name, "service name")
+    if sep and not re.fullmatch(r"0|[1-9][0-9]?", stage):
+        raise TopicError(f"invalid slot {value!r}: expected NAME or NAME:STAGE (stage 0-99)")
+    return value
+
+
 def check_prefix(prefix: str) -> str:
     """[T-ID-2] A prefix is one or more '/'-separated levels, each a valid id."""
     for level in prefix.split("/"):

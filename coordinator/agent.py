@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass, field
 
 from coordinator.provision import Action, Provisioner, PublishStatus, SendCommand
 from coordinator.registry import Change, Registry
@@ -36,6 +37,7 @@ WATCHED_SERVICES = (Kind.SERVICE_SPEC, Kind.SERVICE_STATUS)
 # What the registry keeps. (amqtt also delivers retained messages that match *other*
 # clients' subscriptions, such as artifact chunks: those are passed over.)
 REGISTERED = {*WATCHED, *WATCHED_SERVICES, Kind.COORDINATOR_STATE} - {Kind.NODE_REPLY}
+FORGET_AFTER = 3600.0  # seconds a node stays lost or offline before it is forgotten
 
 
 def subscriptions(topics: Topics) -> list[tuple[str, int]]:
@@ -46,18 +48,41 @@ def subscriptions(topics: Topics) -> list[tuple[str, int]]:
 
 def read(
     topics: Topics, registry: Registry, message: Message, now: float
-) -> tuple[Ref, list[Change]]:
+) -> tuple[Ref, m.Wire | None, list[Change]]:
     """Decode and apply one message; raise ProtocolError/TopicError when it is malformed."""
     ref = topics.parse(message.topic)
     if ref.kind not in REGISTERED:
-        return ref, []  # replies and requests are read by the caller; the rest is not ours
-    msg = codec.decode_for(ref, message.payload) if message.payload else None
-    return ref, registry.apply(ref, msg, now, message.retain)
+        return ref, None, []  # replies and requests are read by the caller; not the rest
+    try:
+        msg = codec.decode_for(ref, message.payload) if message.payload else None
+    except ProtocolError:
+        if ref.kind is Kind.SERVICE_SPEC and ref.service is not None:
+            registry.reject_spec(ref.service)  # nothing to act on until a good one comes
+        raise
+    return ref, msg, registry.apply(ref, msg, now, message.retain)
+
+
+RECENT = 16  # statuses per service the coordinator remembers having published
+
+
+@dataclass
+class _Published:
+    """The statuses of one service this coordinator published, to tell them from others'."""
+
+    own: m.ServiceStatus | None = None  # the newest; None: cleared
+    recent: deque[bytes] = field(default_factory=lambda: deque(maxlen=RECENT))
 
 
 class CoordinatorAgent:
-    def __init__(self, topics: Topics, registry: Registry, coordinator_id: str) -> None:
+    def __init__(
+        self,
+        topics: Topics,
+        registry: Registry,
+        coordinator_id: str,
+        forget_after: float = FORGET_AFTER,
+    ) -> None:
         self.topics = topics
+        self.forget_after = forget_after
         self.registry = registry
         self.id = coordinator_id
         self.name = f"coordinator {coordinator_id}"
@@ -68,6 +93,13 @@ class CoordinatorAgent:
         self.changes: deque[Change] = deque(maxlen=1000)  # recent state changes, newest last
         self.provisioner = Provisioner()
         self._unavailable: set[str] = set()  # services whose requests we answer 'unavailable'
+        self._seq = 0  # the newest status seq seen or given, so ours always counts higher
+        self._published: dict[str, _Published] = {}  # service -> what we published
+        self._restore: set[str] = set()  # services whose status someone else overwrote
+
+    @property
+    def session(self) -> int:
+        return self._session
 
     def client_id(self, session: int) -> str:
         return f"mqinfer-coordinator-{self.id}-{session:x}"
@@ -82,6 +114,9 @@ class CoordinatorAgent:
     def start(self, conn: Connection, session: int) -> None:
         self._session, self._conn = session, conn
         self._unavailable.clear()
+        with self._lock:  # the statuses to believe are this session's own ([T-STATUS-2])
+            own = m.CoordinatorState(id=self.id, state="online", session=session)
+            self.registry.apply(self.topics.parse(self.topics.coordinator_state()), own, 0, False)
         conn.subscribe(subscriptions(self.topics))
         conn.publish_wait(
             self.topics.coordinator_state(), self._state("online", session), retain=True
@@ -96,11 +131,13 @@ class CoordinatorAgent:
         now = time.monotonic()
         try:
             with self._lock:
-                ref, changes = read(self.topics, self.registry, message, now)
-                self._provisioning_input(ref, message, now)
+                ref, msg, changes = read(self.topics, self.registry, message, now)
+                self._provisioning_input(ref, msg, message, now)
         except (ProtocolError, TopicError) as e:
-            # [T-COORD-3] malformed input is logged with the reason and ignored.
+            # [T-COORD-3] malformed input is logged with the reason and ignored; a spec is
+            # answered with a failed status naming what was wrong, where its sender looks.
             log.warning("ignored message on %s: %s", message.topic, e)
+            self._refused_spec(message, e)
             return
         for change in changes:
             self.changes.append(change)
@@ -108,7 +145,20 @@ class CoordinatorAgent:
         if not message.retain and ref.node is not None:
             self._ask_for_caps(ref.node)
 
-    def _provisioning_input(self, ref: Ref, message: Message, now: float) -> None:
+    def _refused_spec(self, message: Message, error: Exception) -> None:
+        try:
+            ref = self.topics.parse(message.topic)
+        except TopicError:
+            return
+        if ref.kind is not Kind.SERVICE_SPEC or ref.service is None:
+            return
+        why = f"{error.code}: {error.message}" if isinstance(error, ProtocolError) else str(error)
+        with self._lock:
+            self.provisioner.reject(ref.service, why)
+
+    def _provisioning_input(
+        self, ref: Ref, msg: m.Wire | None, message: Message, now: float
+    ) -> None:
         if ref.kind is Kind.SERVICE_REQUEST:
             self._answer_unavailable(ref, message)
             return
@@ -117,7 +167,11 @@ class CoordinatorAgent:
             if ref.kind is Kind.SERVICE_SPEC:
                 self.provisioner.on_spec(ref.service, rec.spec if rec else None)
             elif ref.kind is Kind.SERVICE_STATUS:
-                self.provisioner.on_status(ref.service, rec.status if rec else None)
+                status = msg if isinstance(msg, m.ServiceStatus) else None
+                if status is not None and status.seq is not None:
+                    self._seq = max(self._seq, status.seq)
+                if not self._ours(ref.service, message.payload):
+                    self.provisioner.on_status(ref.service, status)
         elif ref.kind is Kind.NODE_REPLY:
             reply = codec.decode_for(ref, message.payload)
             if isinstance(reply, m.CommandReply):
@@ -183,7 +237,9 @@ class CoordinatorAgent:
                 )
                 # Retained, so `mqinfer status` and a restarted coordinator see it too.
                 conn.publish(self.topics.node_state(rec.id), codec.encode(lost), retain=True)
+            self._forget(conn, now)
             actions = self.provisioner.step(self.registry, now)
+            actions += self._restorations(actions)
             wanted = {
                 name
                 for name, rec in self.registry.services.items()
@@ -217,7 +273,15 @@ class CoordinatorAgent:
             )
         elif isinstance(action, PublishStatus):
             topic = self.topics.service_status(action.name)
-            payload = codec.encode(action.status) if action.status else b""
+            status = action.status
+            if status is not None:  # [T-STATUS-2] ours: our session, the next seq
+                self._seq += 1
+                status = status.model_copy(update={"session": self._session, "seq": self._seq})
+            payload = codec.encode(status) if status else b""
+            with self._lock:
+                published = self._published.setdefault(action.name, _Published())
+                published.own = status
+                published.recent.append(payload)
             conn.publish(topic, payload, retain=True)
             if action.status:
                 log.info(
@@ -226,6 +290,46 @@ class CoordinatorAgent:
                     action.status.state,
                     action.status.reason or "",
                 )
+
+    def _ours(self, service: str, payload: bytes) -> bool:
+        """Whether a status read back is one this coordinator published; if it is not and
+        the provisioner has started acting, ours is put back on the next tick."""
+        published = self._published.get(service)
+        if published is not None and payload in published.recent:
+            return True
+        if self.provisioner.acting:
+            self._restore.add(service)
+        return False
+
+    def _restorations(self, actions: list[Action]) -> list[Action]:
+        """[T-STATUS-2] a status this coordinator did not publish is overwritten with its
+        own (cleared if it has none) within a tick."""
+        out: list[Action] = []
+        going = {a.name for a in actions if isinstance(a, PublishStatus)}
+        for name in sorted(self._restore - going):
+            published = self._published.get(name)
+            own = published.own if published else None
+            log.warning(
+                "service %s: a status not published by this coordinator; restoring ours", name
+            )
+            out.append(PublishStatus(name, own))
+        self._restore.clear()
+        return out
+
+    def _forget(self, conn: Connection, now: float) -> None:
+        """Nodes lost or offline for longer than forget_after are forgotten, and their
+        retained topics cleared (a node id that was only ever spoofed included)."""
+        for rec in self.registry.forgettable(now, self.forget_after):
+            log.info(
+                "node %s: %s for over %.0f s; forgetting it", rec.id, rec.state, self.forget_after
+            )
+            del self.registry.nodes[rec.id]
+            for topic in (
+                self.topics.node_caps(rec.id),
+                self.topics.node_heartbeat(rec.id),
+                self.topics.node_state(rec.id),
+            ):
+                conn.publish(topic, b"", retain=True)
 
     def _follow_unavailable(self, conn: Connection, wanted: set[str]) -> None:
         """Subscribe to the requests of services with no ready replica, and only those."""

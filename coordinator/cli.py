@@ -8,7 +8,7 @@ import sys
 import orjson
 
 from coordinator import status
-from coordinator.agent import CoordinatorAgent
+from coordinator.agent import FORGET_AFTER, CoordinatorAgent
 from coordinator.registry import Registry
 from mqinfer import options, session
 from mqinfer.client import AuthRefused, MQTTError
@@ -28,6 +28,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         type=float,
         default=options.env("MISSED_BEATS", "3"),
         help="a node is lost after this many heartbeat intervals of silence (default 3)",
+    )
+    p.add_argument(
+        "--forget-after",
+        type=float,
+        default=float(options.env("FORGET_AFTER", str(FORGET_AFTER))),
+        help="seconds a node stays lost or offline before it is forgotten and its retained "
+        "topics cleared (env MQINFER_FORGET_AFTER; default %(default)s)",
     )
     options.add_common(p)
     p.set_defaults(func=run_coordinator, parser=p)
@@ -52,7 +59,11 @@ def run_coordinator(args: argparse.Namespace) -> int:
     url, topics = options.resolve(args.parser, args)
     if args.missed_beats < 1:
         args.parser.error("--missed-beats: expected a number >= 1")
-    agent = CoordinatorAgent(topics, Registry(missed_beats=args.missed_beats), args.id)
+    if args.forget_after <= 0:
+        args.parser.error("--forget-after: expected a number of seconds > 0")
+    agent = CoordinatorAgent(
+        topics, Registry(missed_beats=args.missed_beats), args.id, forget_after=args.forget_after
+    )
     stop = options.stop_on_signals()
     return session.run(agent, url, stop, protocol=args.mqtt_version)
 

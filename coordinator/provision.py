@@ -80,14 +80,22 @@ class Provisioner:
         self._stray: dict[tuple[str, str, int], float] = {}  # (node, service, session) -> sent
         self._start: float | None = None
         self.grace = grace  # seconds to read retained state before acting
+        self.acting = False  # the grace is over: statuses are ours to publish
+        self.rejected: dict[str, str] = {}  # service -> why its spec could not be read
 
     def _slots(self, name: str) -> list[Service]:
         return [svc for svc in self.services.values() if svc.service == name]
 
     # ---- input --------------------------------------------------------------------------
 
+    def reject(self, name: str, why: str) -> None:
+        """A spec that could not be read: nothing of it runs, and its status says why."""
+        self.on_spec(name, None)
+        self.rejected[name] = why
+
     def on_spec(self, name: str, spec: m.ServiceSpec | None) -> None:
         """A spec (None: removed). A pipeline spec has one slot per stage ([T-PIPE-1])."""
+        self.rejected.pop(name, None)
         wanted: list[int | None] = []
         if spec is not None:
             wanted = list(range(spec.stages)) if spec.stages else [None]
@@ -139,6 +147,7 @@ class Provisioner:
             self._start = now
         if now - self._start < self.grace:
             return []
+        self.acting = True
         actions: list[Action] = []
         self._remember_costs(registry)
         statuses: dict[str, list[m.ServiceStatus]] = {}
@@ -148,7 +157,7 @@ class Provisioner:
             actions += done
             if status is not None:
                 statuses.setdefault(svc.service, []).append(status)
-        names = {svc.service for svc in self.services.values()}
+        names = {svc.service for svc in self.services.values()} | set(self.rejected)
         for name in sorted(names | set(self.published) | set(self.restored)):
             actions += self._publish(name, statuses.get(name), now)
         actions += self._reconcile(registry, now)
@@ -173,6 +182,15 @@ class Provisioner:
     ) -> list[Action]:
         """One retained status per service, merged from its slots."""
         actions: list[Action] = []
+        why = self.rejected.get(name)
+        if why is not None and not statuses:
+            self.restored.pop(name, None)
+            failed = m.ServiceStatus(name=name, state="failed", reason=why, ts=time.time())
+            dumped = failed.model_dump(exclude={"ts"})
+            if dumped != self.published.get(name):
+                self.published[name] = dumped
+                actions.append(PublishStatus(name, failed))
+            return actions
         if statuses:
             self.restored.pop(name, None)  # every slot has had its chance to adopt
             status = _merge(statuses)

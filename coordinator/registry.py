@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from protocol import messages as m
+from protocol.statuses import Statuses
 from protocol.topics import Kind, Ref
 
 DEFAULT_INTERVAL = 5.0  # assumed heartbeat interval until a node's first heartbeat says otherwise
@@ -25,6 +26,7 @@ class NodeRecord:
     caps: m.Capabilities | None = None
     heartbeat: m.Heartbeat | None = None
     last_seen: float | None = None  # local monotonic time of the last sign of life
+    since: float = 0.0  # local monotonic time of the last change of state (or first sight)
 
     @property
     def interval(self) -> float:
@@ -44,7 +46,11 @@ class Change:
 class ServiceRecord:
     name: str
     spec: m.ServiceSpec | None = None
-    status: m.ServiceStatus | None = None
+    statuses: Statuses = field(default_factory=Statuses)  # [T-STATUS-2]
+
+    @property
+    def status(self) -> m.ServiceStatus | None:
+        return self.statuses.status
 
 
 @dataclass
@@ -55,10 +61,10 @@ class Registry:
     coordinator: m.CoordinatorState | None = None
     ignored: list[str] = field(default_factory=list)  # why messages were not applied (last 100)
 
-    def _node(self, node_id: str) -> NodeRecord:
+    def _node(self, node_id: str, now: float) -> NodeRecord:
         rec = self.nodes.get(node_id)
         if rec is None:
-            rec = self.nodes[node_id] = NodeRecord(node_id)
+            rec = self.nodes[node_id] = NodeRecord(node_id, since=now)
         return rec
 
     def _ignore(self, why: str) -> list[Change]:
@@ -70,6 +76,9 @@ class Registry:
         """Apply one decoded message (None: the retained message was cleared)."""
         if ref.kind is Kind.COORDINATOR_STATE:
             self.coordinator = msg if isinstance(msg, m.CoordinatorState) else None
+            session = self.coordinator.session if self.coordinator else None
+            for svc in self.services.values():
+                svc.statuses.current = session
             return []
         if ref.service is not None:
             return self._apply_service(ref, msg)
@@ -81,7 +90,7 @@ class Registry:
             elif ref.kind is Kind.NODE_CAPS and ref.node in self.nodes:
                 self.nodes[ref.node].caps = None
             return []
-        rec = self._node(ref.node)
+        rec = self._node(ref.node, now)
         if isinstance(msg, m.NodeState):
             return self._apply_state(rec, msg, now)
         if isinstance(msg, m.Heartbeat):
@@ -145,18 +154,34 @@ class Registry:
             rec.last_seen = now
         if old == state:
             return []
+        rec.since = now
         return [Change(rec.id, old, state, session, reason or by or "")]
 
     def _apply_service(self, ref: Ref, msg: m.Wire | None) -> list[Change]:
         assert ref.service is not None
-        rec = self.services.setdefault(ref.service, ServiceRecord(ref.service))
+        rec = self.services.get(ref.service)
+        if rec is None:
+            rec = self.services[ref.service] = ServiceRecord(ref.service)
+            rec.statuses.current = self.coordinator.session if self.coordinator else None
         if ref.kind is Kind.SERVICE_SPEC:
             rec.spec = msg if isinstance(msg, m.ServiceSpec) else None
         elif ref.kind is Kind.SERVICE_STATUS:
-            rec.status = msg if isinstance(msg, m.ServiceStatus) else None
-        if rec.spec is None and rec.status is None:
+            status = msg if isinstance(msg, m.ServiceStatus) else None
+            if not rec.statuses.take(status):
+                return self._ignore(
+                    f"{ref.service}: status seq {getattr(msg, 'seq', None)} is stale"
+                )
+        if rec.spec is None and not rec.statuses.by_session:
             del self.services[ref.service]
         return []
+
+    def reject_spec(self, service: str) -> None:
+        """A spec that could not be read: the service has no spec we can act on."""
+        rec = self.services.get(service)
+        if rec is not None:
+            rec.spec = None
+            if not rec.statuses.by_session:
+                del self.services[service]
 
     def overdue(self, now: float) -> list[tuple[NodeRecord, str]]:
         """Online nodes whose heartbeats stopped for longer than missed_beats intervals."""
@@ -169,6 +194,12 @@ class Registry:
             if silent > limit:
                 late.append((rec, f"no heartbeat for {silent:.1f} s (limit {limit:.1f} s)"))
         return late
+
+    def forgettable(self, now: float, after: float) -> list[NodeRecord]:
+        """Nodes lost or offline (or never seen online) for longer than `after` seconds."""
+        return [
+            rec for rec in self.nodes.values() if rec.state != "online" and now - rec.since > after
+        ]
 
     def mark_lost(self, rec: NodeRecord, reason: str, now: float) -> list[Change]:
         assert rec.session is not None

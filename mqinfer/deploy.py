@@ -35,6 +35,7 @@ from mqinfer.upload import Uploader, progress_bar
 from protocol import codec
 from protocol import messages as m
 from protocol.errors import ProtocolError
+from protocol.statuses import Statuses
 from protocol.topics import Topics
 
 EXIT_FAILED = 1  # the service failed (reason printed)
@@ -47,25 +48,43 @@ class _Follower:
     def __init__(self, topics: Topics, name: str) -> None:
         self.topics = topics
         self.name = name
-        self.status: m.ServiceStatus | None = None
+        self.kept = Statuses()  # [T-STATUS-2] only the current coordinator's count
         self.cleared = False
         self.changed = threading.Condition()
         self.uploader: Uploader | None = None
 
+    @property
+    def status(self) -> m.ServiceStatus | None:
+        return self.kept.status
+
+    def filters(self) -> list[tuple[str, int]]:
+        return [(self.topics.service_status(self.name), 1), (self.topics.coordinator_state(), 1)]
+
     def on_message(self, message: Message) -> None:
         if self.uploader is not None:
             self.uploader.on_message(message)
+        if message.topic == self.topics.coordinator_state():
+            with self.changed:
+                try:
+                    state = codec.decode_as(m.CoordinatorState, message.payload)
+                except ProtocolError:
+                    return
+                self.kept.current = state.session
+                self.changed.notify_all()
+            return
         if message.topic != self.topics.service_status(self.name):
             return
         with self.changed:
             if not message.payload:
-                self.status, self.cleared = None, True
+                self.kept.take(None)
+                self.cleared = True
             else:
                 try:
                     msg = codec.decode_as(m.ServiceStatus, message.payload)
                 except ProtocolError:
                     return
-                self.status, self.cleared = msg, False
+                self.kept.take(msg)
+                self.cleared = False
             self.changed.notify_all()
 
     def until(self, outcome: Callable[[], int | None], wait: float) -> int | None:
@@ -129,7 +148,7 @@ def deploy(
                 + ("uploaded" if sent else "already on the broker"),
                 file=sys.stderr,
             )
-        conn.subscribe([(topics.service_status(spec.name), 1)])
+        conn.subscribe(follower.filters())
         conn.publish_wait(topics.service_spec(spec.name), codec.encode(spec), retain=True)
         print(f"service {spec.name}: spec published (revision {revision})", file=sys.stderr)
         if wait is None:
@@ -170,7 +189,7 @@ def undeploy(
     follower = _Follower(topics, name)
     conn = _connect(url, protocol, follower, "undeploy")
     try:
-        conn.subscribe([(topics.service_status(name), 1)])
+        conn.subscribe(follower.filters())
         conn.publish_wait(topics.service_spec(name), b"", retain=True)
         print(f"service {name}: spec removed", file=sys.stderr)
         if wait is None:

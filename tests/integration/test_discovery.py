@@ -342,7 +342,13 @@ def test_malformed_messages_are_logged_and_ignored(
     assert coordinator.thread.is_alive()
     assert coordinator.state("alpha") == "online"
     assert "ghost" not in coordinator.agent.registry.nodes
-    assert coordinator.agent.registry.services == {}
+    # A spec that cannot be read is answered with a failed status saying why.
+    services = coordinator.agent.registry.services
+    assert set(services) <= {"svc"}
+    wait_for(lambda: services["svc"].status if "svc" in services else None, "its status")
+    svc = services["svc"]
+    assert svc.spec is None and svc.status is not None and svc.status.state == "failed"
+    assert svc.status.reason is not None and svc.status.reason.startswith("too_large")
     # Still working: a new node is registered after all that.
     procs.node(broker, prefix, "beta")
     wait_for(lambda: coordinator.state("beta") == "online", "beta online")

@@ -86,17 +86,34 @@ def test_status_works_without_a_coordinator(broker: Broker, prefix: str, procs: 
 
 
 def test_service_spec_and_status_show_in_status(broker: Broker, prefix: str) -> None:
-    """Retained service specs/status published by hand appear in `mqinfer status --json`."""
+    """Retained service specs/status published by hand appear in `mqinfer status --json`;
+    [T-STATUS-2] a status is shown only when the coordinator's retained state names its
+    session."""
     t = Topics(prefix)
     pub = need_client_tool("mosquitto_pub")
-    spec = {"v": 1, "name": "digits", "model": "models/digits.tflite", "replicas": 2}
+    spec = {
+        "v": 1,
+        "name": "digits",
+        "model": "models/digits.tflite",
+        "artifact": "ab" * 32,
+        "format": "tflite",
+        "replicas": 2,
+    }
     status = {
         "v": 1,
         "name": "digits",
         "state": "ready",
         "replicas": [{"node": "alpha", "state": "ready"}],
+        "session": 7,
+        "seq": 3,
     }
-    for topic, payload in ((t.service_spec("digits"), spec), (t.service_status("digits"), status)):
+    other = {**status, "state": "failed", "session": 8, "seq": 99}
+    coordinator = {"v": 1, "id": "hub", "state": "online", "session": 7}
+    for topic, payload in (
+        (t.service_spec("digits"), spec),
+        (t.service_status("digits"), other),
+        (t.coordinator_state(), coordinator),
+    ):
         subprocess.run(
             [
                 pub,
@@ -115,6 +132,25 @@ def test_service_spec_and_status_show_in_status(broker: Broker, prefix: str) -> 
             check=True,
             timeout=30,
         )
+    view = status_json(broker, prefix)
+    (service,) = view["services"]
+    assert service["state"] == "unknown"  # the status of session 8 is not the coordinator's
+    subprocess.run(
+        [
+            pub,
+            "-p",
+            str(broker.port),
+            "-t",
+            t.service_status("digits"),
+            "-r",
+            "-q",
+            "1",
+            "-m",
+            orjson.dumps(status).decode(),
+        ],
+        check=True,
+        timeout=30,
+    )
     view = status_json(broker, prefix)
     (service,) = view["services"]
     assert service["name"] == "digits" and service["state"] == "ready"

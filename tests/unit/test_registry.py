@@ -90,8 +90,55 @@ def test_caps_of_newer_session_win() -> None:
 
 def test_services_spec_and_status() -> None:
     r = Registry()
-    spec = m.ServiceSpec(name="digits", model="d.tflite", replicas=2)
+    spec = m.ServiceSpec(
+        name="digits", model="d.tflite", artifact="a" * 64, format="tflite", replicas=2
+    )
     r.apply(T.parse(T.service_spec("digits")), spec, now=0, retained=True)
     assert r.services["digits"].spec == spec
     r.apply(T.parse(T.service_spec("digits")), None, now=0, retained=True)
     assert "digits" not in r.services
+
+
+def coordinator(session: int) -> tuple[Ref, m.Wire]:
+    return T.parse(T.coordinator_state()), m.CoordinatorState(
+        id="hub", state="online", session=session
+    )
+
+
+def status(session: int | None, seq: int | None, state: str = "ready") -> tuple[Ref, m.Wire]:
+    msg = m.ServiceStatus(name="digits", state=state, session=session, seq=seq)  # type: ignore[arg-type]
+    return T.parse(T.service_status("digits")), msg
+
+
+def test_a_status_counts_only_from_the_coordinators_current_session() -> None:
+    """[T-STATUS-2] a status written under another session (forged, or a previous
+    coordinator's) is not believed; within the session the highest seq wins."""
+    r = Registry()
+    r.apply(*status(7, 5), now=0, retained=True)  # before the coordinator's state is known
+    assert r.services["digits"].status is None
+    r.apply(*coordinator(7), now=0, retained=True)
+    assert r.services["digits"].status is not None
+    assert r.services["digits"].status.seq == 5
+    r.apply(*status(99, 100, "failed"), now=0, retained=False)  # a stranger's
+    assert r.services["digits"].status.state == "ready"
+    r.apply(*status(None, None, "failed"), now=0, retained=False)  # no session at all
+    assert r.services["digits"].status.state == "ready"
+    r.apply(*status(7, 4, "failed"), now=0, retained=False)  # replayed by a bridge
+    assert r.services["digits"].status.seq == 5
+    assert "is stale" in r.ignored[-1]
+    r.apply(*status(7, 6, "degraded"), now=0, retained=False)
+    assert r.services["digits"].status.state == "degraded"
+    r.apply(*coordinator(8), now=0, retained=False)  # a new coordinator: its own, once sent
+    assert r.services["digits"].status is None
+    r.apply(*status(8, 1), now=0, retained=False)
+    assert r.services["digits"].status.session == 8
+
+
+def test_nodes_not_online_are_forgettable_after_a_while() -> None:
+    r = Registry()
+    r.apply(*state("gone", "online", 10), now=0, retained=False)
+    r.apply(*state("gone", "lost", 10, by="will"), now=5, retained=False)
+    r.apply(*state("here", "online", 10), now=0, retained=False)
+    r.apply(*beat("spoofed", 10), now=1, retained=True)  # caps or a beat, never a state
+    assert [n.id for n in r.forgettable(now=50, after=100)] == []
+    assert sorted(n.id for n in r.forgettable(now=106, after=100)) == ["gone", "spoofed"]

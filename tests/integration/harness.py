@@ -315,11 +315,13 @@ class InProcessCoordinator:
 
 
 def start_coordinator(
-    broker: Broker, prefix: str, missed_beats: float = 8.0
+    broker: Broker, prefix: str, missed_beats: float = 8.0, forget_after: float = 3600.0
 ) -> InProcessCoordinator:
     """missed_beats is generous by default: a loaded CI machine must not make a live node
     look silent. The heartbeat-timeout test asks for the usual 3."""
-    agent = CoordinatorAgent(Topics(prefix), Registry(missed_beats=missed_beats), "test")
+    agent = CoordinatorAgent(
+        Topics(prefix), Registry(missed_beats=missed_beats), "test", forget_after=forget_after
+    )
     stop = threading.Event()
     status: list[int] = []
 

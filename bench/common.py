@@ -28,7 +28,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from PIL import Image
 
-from protocol.topics import Topics
+from mqinfer.protocol.topics import Topics
 from tests.integration.harness import Broker, Procs, start_broker, wait_for
 
 REPO = Path(__file__).resolve().parents[1]

@@ -37,13 +37,13 @@ import orjson
 from fastapi import Body, FastAPI, HTTPException, Response
 
 from bench.common import REPO, Cluster, Load, Report, Run, camera_frame, machine, spread, until
-from broker.ports import free_port
+from mqinfer.broker.ports import free_port
+from mqinfer.node.runtimes import Model, RuntimeFailure, available_backends, warm_up
+from mqinfer.node.serving import DEFAULT_MAX_REQUEST_BYTES
+from mqinfer.protocol.errors import Code, ProtocolError
+from mqinfer.protocol.manifest import Manifest
+from mqinfer.protocol.payload import decode_request, encode_outputs, result_json, top_k
 from mqinfer.servicefile import read_model
-from node.runtimes import Model, RuntimeFailure, available_backends, warm_up
-from node.serving import DEFAULT_MAX_REQUEST_BYTES
-from protocol.errors import Code, ProtocolError
-from protocol.manifest import Manifest
-from protocol.payload import decode_request, encode_outputs, result_json, top_k
 
 # Service name -> model file, served under the same name by both sides.
 MODELS = {

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from bench.common import REPO, Cluster, Echo, Load, Report, machine, spread, until
+from mqinfer.node.runtimes import available_backends
+from mqinfer.protocol.payload import decode_request
 from mqinfer.servicefile import read_model
-from node.runtimes import available_backends
-from protocol.payload import decode_request
 
 DIGITS = REPO / "models" / "digits" / "digits_int8.tflite"
 MOBILENET = REPO / "models" / "mobilenet_v2" / "mobilenet_v2_int8.tflite"

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import REPO, Cluster, Load, Report, camera_frame, machine, spread, until
+from mqinfer.node.runtimes import Model, available_backends, warm_up
 from mqinfer.split import split_temporarily
-from node.runtimes import Model, available_backends, warm_up
 
 DEFAULT_MODEL = REPO / "models" / "mobilenet_v2" / "mobilenet_v2_f32.tflite"
 GOAL = 1.7

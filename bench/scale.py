@@ -47,16 +47,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import REPO, Cluster, Report, machine, spread
 from bench.simnodes import INTERVAL, Kit, SimStats, Simulators, node_beat, node_caps, node_ids
-from coordinator.agent import read
-from coordinator.placement import place
-from coordinator.provision import Provisioner, SendCommand
-from coordinator.registry import Registry
 from mqinfer.client import Message
-from node.capabilities import probe_host, probe_runtimes, reference_ms
-from protocol import codec
-from protocol import messages as m
-from protocol.errors import ProtocolError
-from protocol.topics import DEFAULT_PREFIX, Kind, Topics
+from mqinfer.coordinator.agent import read
+from mqinfer.coordinator.placement import place
+from mqinfer.coordinator.provision import Provisioner, SendCommand
+from mqinfer.coordinator.registry import Registry
+from mqinfer.node.capabilities import probe_host, probe_runtimes, reference_ms
+from mqinfer.protocol import codec
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.errors import ProtocolError
+from mqinfer.protocol.topics import DEFAULT_PREFIX, Kind, Topics
 from tests.integration.harness import mosquitto_binary
 
 MODEL = REPO / "models" / "digits" / "digits_int8.tflite"  # the spec placed in-process

@@ -30,13 +30,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from mqinfer.node import sysinfo
+from mqinfer.node.capabilities import Probe, capabilities
+from mqinfer.protocol import codec
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.errors import Code, ProtocolError
+from mqinfer.protocol.topics import Kind, Topics
 from mqinfer.session import SessionCounter
-from node import sysinfo
-from node.capabilities import Probe, capabilities
-from protocol import codec
-from protocol import messages as m
-from protocol.errors import Code, ProtocolError
-from protocol.topics import Kind, Topics
 
 INTERVAL = 1.0  # heartbeat interval of the simulated nodes (s)
 KEEPALIVE = 30  # as mqinfer.session.run

@@ -29,7 +29,7 @@ from typing import Any
 
 from amqtt.broker import Broker
 
-from broker.ports import port_is_free
+from mqinfer.broker.ports import port_is_free
 
 log = logging.getLogger(__name__)
 

@@ -14,15 +14,15 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
-from coordinator.provision import Action, Provisioner, PublishStatus, SendCommand
-from coordinator.registry import Change, Registry
 from mqinfer.client import Connection, Message, MQTTError, NotConnected, Will
-from protocol import codec, replies
-from protocol import messages as m
-from protocol.errors import Code, ProtocolError
-from protocol.payload import result_json
-from protocol.routing import request_key
-from protocol.topics import Kind, Ref, TopicError, Topics
+from mqinfer.coordinator.provision import Action, Provisioner, PublishStatus, SendCommand
+from mqinfer.coordinator.registry import Change, Registry
+from mqinfer.protocol import codec, replies
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.errors import Code, ProtocolError
+from mqinfer.protocol.payload import result_json
+from mqinfer.protocol.routing import request_key
+from mqinfer.protocol.topics import Kind, Ref, TopicError, Topics
 
 log = logging.getLogger("mqinfer.coordinator")
 

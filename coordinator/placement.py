@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from coordinator.registry import NodeRecord
-from protocol import messages as m
+from mqinfer.coordinator.registry import NodeRecord
+from mqinfer.protocol import messages as m
 
 MEMORY_HEADROOM_MB = 64  # beyond the model itself (runtime, buffers, the agent)
 MEMORY_FACTOR = 3  # a loaded model takes a few times its file size (arena, copies)

@@ -14,9 +14,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator import placement
-from coordinator.registry import NodeRecord, Registry
-from protocol import messages as m
+from mqinfer.coordinator import placement
+from mqinfer.coordinator.registry import NodeRecord, Registry
+from mqinfer.protocol import messages as m
 
 log = logging.getLogger("mqinfer.coordinator")
 

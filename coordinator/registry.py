@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protocol import messages as m
-from protocol.statuses import Statuses
-from protocol.topics import Kind, Ref
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.statuses import Statuses
+from mqinfer.protocol.topics import Kind, Ref
 
 DEFAULT_INTERVAL = 5.0  # assumed heartbeat interval until a node's first heartbeat says otherwise
 

@@ -11,12 +11,12 @@ import threading
 import time
 from typing import Any
 
-from coordinator.agent import read, subscriptions
-from coordinator.registry import NodeRecord, Registry
 from mqinfer.client import BrokerURL, Connection, Message
-from protocol import messages as m
-from protocol.errors import ProtocolError
-from protocol.topics import TopicError, Topics
+from mqinfer.coordinator.agent import read, subscriptions
+from mqinfer.coordinator.registry import NodeRecord, Registry
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.errors import ProtocolError
+from mqinfer.protocol.topics import TopicError, Topics
 
 log = logging.getLogger("mqinfer.status")
 

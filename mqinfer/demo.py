@@ -13,13 +13,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from broker.ports import free_port, port_is_free
-from coordinator import status
-from coordinator.registry import Registry
 from mqinfer import deploy, infer
+from mqinfer.broker.ports import free_port, port_is_free
 from mqinfer.client import BrokerURL, MQTTError
+from mqinfer.coordinator import status
+from mqinfer.coordinator.registry import Registry
+from mqinfer.protocol.topics import Topics
 from mqinfer.servicefile import load_spec_file
-from protocol.topics import Topics
 
 HOST = "127.0.0.1"
 NODES = ("demo-node-1", "demo-node-2")

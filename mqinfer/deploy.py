@@ -18,6 +18,11 @@ from pathlib import Path
 
 from mqinfer import options
 from mqinfer.client import BrokerURL, Connection, Message, MQTTError
+from mqinfer.protocol import codec
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.errors import ProtocolError
+from mqinfer.protocol.statuses import Statuses
+from mqinfer.protocol.topics import Topics
 from mqinfer.servicefile import (
     ModelFile,
     PipelineFiles,
@@ -32,11 +37,6 @@ from mqinfer.servicefile import (
 )
 from mqinfer.split import SplitError, pipeline_file, split_model
 from mqinfer.upload import Uploader, progress_bar
-from protocol import codec
-from protocol import messages as m
-from protocol.errors import ProtocolError
-from protocol.statuses import Statuses
-from protocol.topics import Topics
 
 EXIT_FAILED = 1  # the service failed (reason printed)
 EXIT_TIMEOUT = 4  # --wait ran out of time

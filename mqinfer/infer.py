@@ -19,7 +19,7 @@ import orjson
 
 from mqinfer import options
 from mqinfer.client import BrokerURL, Connection, Message, MQTTError
-from protocol.topics import Topics
+from mqinfer.protocol.topics import Topics
 
 EXIT_ERRORS = 1  # some request got an error result
 EXIT_TIMEOUT = 4  # some request got no result in time

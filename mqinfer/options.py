@@ -12,7 +12,13 @@ from collections.abc import Callable
 from types import FrameType
 
 from mqinfer.client import DEFAULT_BROKER, BrokerURL
-from protocol.topics import DEFAULT_PREFIX, TopicError, Topics, check_id, node_id_from_hostname
+from mqinfer.protocol.topics import (
+    DEFAULT_PREFIX,
+    TopicError,
+    Topics,
+    check_id,
+    node_id_from_hostname,
+)
 
 
 def env(name: str, default: str) -> str:

@@ -32,9 +32,9 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from protocol import messages as m
-from protocol.manifest import Manifest, Pipeline, format_of
-from protocol.topics import check_id
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.manifest import Manifest, Pipeline, format_of
+from mqinfer.protocol.topics import check_id
 
 
 class SpecFileError(ValueError):

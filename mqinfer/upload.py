@@ -16,11 +16,11 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 from mqinfer.client import Connection, Message, NotConnected
-from protocol import codec
-from protocol import messages as m
-from protocol.errors import ProtocolError
-from protocol.manifest import Manifest
-from protocol.topics import Topics
+from mqinfer.protocol import codec
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.errors import ProtocolError
+from mqinfer.protocol.manifest import Manifest
+from mqinfer.protocol.topics import Topics
 
 CHUNK_SIZE = 256 * 1024
 WINDOW = 8  # chunks in flight before waiting for PUBACKs

@@ -8,19 +8,19 @@ import time
 from pathlib import Path
 
 from mqinfer.client import Connection, Message, MQTTError, NotConnected, Outgoing, Will
-from node import sysinfo
-from node.artifacts import ArtifactStore, default_cache_dir
-from node.capabilities import Probe, capabilities, reference_ms
-from node.commands import CommandHandler
-from node.fetch import META_WAIT, Fetcher
-from node.provisioning import Provisioning
-from node.runtimes import Backend
-from node.serving import DEFAULT_MAX_REQUEST_BYTES, Replica
-from protocol import codec
-from protocol import messages as m
-from protocol.errors import ProtocolError
-from protocol.statuses import Statuses
-from protocol.topics import Kind, Ref, Topics
+from mqinfer.node import sysinfo
+from mqinfer.node.artifacts import ArtifactStore, default_cache_dir
+from mqinfer.node.capabilities import Probe, capabilities, reference_ms
+from mqinfer.node.commands import CommandHandler
+from mqinfer.node.fetch import META_WAIT, Fetcher
+from mqinfer.node.provisioning import Provisioning
+from mqinfer.node.runtimes import Backend
+from mqinfer.node.serving import DEFAULT_MAX_REQUEST_BYTES, Replica
+from mqinfer.protocol import codec
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.errors import ProtocolError
+from mqinfer.protocol.statuses import Statuses
+from mqinfer.protocol.topics import Kind, Ref, Topics
 
 log = logging.getLogger("mqinfer.node")
 

@@ -15,9 +15,9 @@ import os
 import shutil
 from pathlib import Path
 
-from protocol.errors import Code, ProtocolError
-from protocol.manifest import FORMAT_SUFFIXES
-from protocol.topics import TopicError, check_sha256
+from mqinfer.protocol.errors import Code, ProtocolError
+from mqinfer.protocol.manifest import FORMAT_SUFFIXES
+from mqinfer.protocol.topics import TopicError, check_sha256
 
 log = logging.getLogger("mqinfer.node")
 

@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from node import edgetpu, gpus, sysinfo
-from node.sysinfo import one_line
-from protocol.messages import Accelerator, Capabilities, Host, Runtime
+from mqinfer.node import edgetpu, gpus, sysinfo
+from mqinfer.node.sysinfo import one_line
+from mqinfer.protocol.messages import Accelerator, Capabilities, Host, Runtime
 
 # ---- host -----------------------------------------------------------------------------
 

@@ -8,12 +8,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mqinfer.client import Connection, Message, MQTTError, NotConnected
-from protocol import codec
-from protocol import messages as m
-from protocol.errors import Code, ProtocolError
+from mqinfer.protocol import codec
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.errors import Code, ProtocolError
 
 if TYPE_CHECKING:
-    from node.agent import NodeAgent
+    from mqinfer.node.agent import NodeAgent
 
 log = logging.getLogger("mqinfer.node")
 

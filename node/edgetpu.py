@@ -12,8 +12,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from node.sysinfo import one_line, read_text
-from protocol.messages import Accelerator
+from mqinfer.node.sysinfo import one_line, read_text
+from mqinfer.protocol.messages import Accelerator
 
 TFLITE_KEYS = ("litert", "tflite_runtime")  # runtimes that can load the delegate, preferred first
 

@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from node.artifacts import ArtifactStore
-from protocol import codec
-from protocol import messages as m
-from protocol.errors import Code, ProtocolError
-from protocol.topics import Ref, Topics
+from mqinfer.node.artifacts import ArtifactStore
+from mqinfer.protocol import codec
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.errors import Code, ProtocolError
+from mqinfer.protocol.topics import Ref, Topics
 
 log = logging.getLogger("mqinfer.node")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from node.sysinfo import one_line, read_text
-from protocol.messages import Accelerator, Runtime
+from mqinfer.node.sysinfo import one_line, read_text
+from mqinfer.protocol.messages import Accelerator, Runtime
 
 _NVIDIA_PROVIDERS = (
     "TensorrtExecutionProvider",

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from mqinfer.client import MQTTError, NotConnected
-from node.serving import Replica
-from protocol import messages as m
-from protocol.errors import Code, ProtocolError
-from protocol.topics import TopicError, check_id
+from mqinfer.node.serving import Replica
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.errors import Code, ProtocolError
+from mqinfer.protocol.topics import TopicError, check_id
 
 if TYPE_CHECKING:
-    from node.agent import NodeAgent
+    from mqinfer.node.agent import NodeAgent
 
 log = logging.getLogger("mqinfer.node")
 

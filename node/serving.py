@@ -22,14 +22,14 @@ import numpy as np
 import orjson
 
 from mqinfer.client import Message, Outgoing
-from node.runtimes import Backend, Model, RuntimeFailure, warm_up
-from protocol import codec, replies, tensors
-from protocol import messages as m
-from protocol.errors import Code, ProtocolError
-from protocol.manifest import Manifest, TensorInfo
-from protocol.payload import decode_request, encode_outputs, result_json, top_k
-from protocol.routing import Witness, Witnessed, owner, request_key
-from protocol.topics import Ref, Topics
+from mqinfer.node.runtimes import Backend, Model, RuntimeFailure, warm_up
+from mqinfer.protocol import codec, replies, tensors
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.errors import Code, ProtocolError
+from mqinfer.protocol.manifest import Manifest, TensorInfo
+from mqinfer.protocol.payload import decode_request, encode_outputs, result_json, top_k
+from mqinfer.protocol.routing import Witness, Witnessed, owner, request_key
+from mqinfer.protocol.topics import Ref, Topics
 
 log = logging.getLogger("mqinfer.node")
 

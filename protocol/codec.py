@@ -7,9 +7,9 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from protocol import messages as m
-from protocol.errors import Code, ProtocolError
-from protocol.topics import Kind, Ref
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.errors import Code, ProtocolError
+from mqinfer.protocol.topics import Kind, Ref
 
 # [T-PAY-2] control messages (everything but inference requests/results) are at most 256 KiB.
 MAX_CONTROL_BYTES = 256 * 1024

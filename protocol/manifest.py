@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from protocol.topics import check_sha256
+from mqinfer.protocol.topics import check_sha256
 
 Format = Literal["tflite", "onnx", "edgetpu_tflite"]
 # An artifact is named by the sha256 of its bytes and nothing else: never a path.

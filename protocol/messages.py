@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from protocol.manifest import Format, Manifest, Pipeline, Sha256
-from protocol.topics import check_id, check_slot
+from mqinfer.protocol.manifest import Format, Manifest, Pipeline, Sha256
+from mqinfer.protocol.topics import check_id, check_slot
 
 PROTOCOL_VERSION = 1
 

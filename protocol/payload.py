@@ -32,9 +32,9 @@ import numpy as np
 import orjson
 from PIL import Image, UnidentifiedImageError
 
-from protocol.errors import Code, ProtocolError
-from protocol.manifest import Preprocessing, TensorInfo
-from protocol.topics import TopicError, check_id
+from mqinfer.protocol.errors import Code, ProtocolError
+from mqinfer.protocol.manifest import Preprocessing, TensorInfo
+from mqinfer.protocol.topics import TopicError, check_id
 
 RESULT_VERSION = 1
 # Images larger than this are refused before their pixels are decoded.

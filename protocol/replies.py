@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protocol.topics import Ref, TopicError, Topics, check_id
+from mqinfer.protocol.topics import Ref, TopicError, Topics, check_id
 
 
 def request_id(ref: Ref, correlation: bytes | None, from_body: str | None, key: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protocol import messages as m
+from mqinfer.protocol import messages as m
 
 KEPT_SESSIONS = 4  # sessions whose newest status is kept until one of them is current
 

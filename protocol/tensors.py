@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from protocol.errors import Code, ProtocolError
-from protocol.manifest import TensorInfo
+from mqinfer.protocol.errors import Code, ProtocolError
+from mqinfer.protocol.manifest import TensorInfo
 
 MAGIC = b"MQT1"
 _LEN = struct.Struct("<I")

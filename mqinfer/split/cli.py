@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mqinfer.protocol.manifest import Pipeline, TensorInfo
 from mqinfer.split.errors import SplitError
 from mqinfer.split.graph import _count, _format
 from mqinfer.split.measure import _backend, _load
 from mqinfer.split.plan import MB
 from mqinfer.split.splitter import _manifest_beside, pipeline_file, split_model
 from mqinfer.split.verification import ONNX_TOLERANCE
-from protocol.manifest import Pipeline, TensorInfo
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -148,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
 def read_sample(model: Path, file: Path, threads: int = 1) -> list[np.ndarray]:
     """A request payload file decoded into the model's input arrays, as a node decodes it
     (with the preprocessing of the manifest beside the model)."""
-    from protocol.errors import ProtocolError
-    from protocol.payload import decode_request
+    from mqinfer.protocol.errors import ProtocolError
+    from mqinfer.protocol.payload import decode_request
 
     if not model.is_file():
         raise SplitError(f"{model}: no such model file")

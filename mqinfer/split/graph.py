@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from mqinfer.node.runtimes.base import concrete_shape
+from mqinfer.protocol.manifest import Format, format_of
 from mqinfer.split.errors import SplitError
-from node.runtimes.base import concrete_shape
-from protocol.manifest import Format, format_of
 
 SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx"}
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mqinfer.node.runtimes import Backend, Model, RuntimeFailure, available_backends
+from mqinfer.node.runtimes.base import concrete_shape
+from mqinfer.protocol.manifest import TensorInfo
 from mqinfer.split.cuts import _Cuts
 from mqinfer.split.errors import SplitError
 from mqinfer.split.graph import SUFFIXES, _Graph
-from node.runtimes import Backend, Model, RuntimeFailure, available_backends
-from node.runtimes.base import concrete_shape
-from protocol.manifest import TensorInfo
 
 # Timing: warm-up runs, then repetitions until both minimums are met (or MAX_REPS); the
 # median. A prefix is timed against the whole model, one run of each in turn, and kept as the

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from mqinfer.protocol.manifest import Manifest, Pipeline, Segment
 from mqinfer.servicefile import PIPELINE_SUFFIX
 from mqinfer.split.cuts import _analyse, _check_positions, _refusal
 from mqinfer.split.errors import SplitError
@@ -30,7 +31,6 @@ from mqinfer.split.verification import (
     _check_tensors,
     verify,
 )
-from protocol.manifest import Manifest, Pipeline, Segment
 
 
 def pipeline_file(model: str | Path) -> str:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mqinfer.node.runtimes import Model
+from mqinfer.protocol.manifest import Verification
 from mqinfer.split.cuts import _Cuts
 from mqinfer.split.errors import SplitError
 from mqinfer.split.graph import _format, _Graph
 from mqinfer.split.measure import _backend, _load, _run, random_inputs
-from node.runtimes import Model
-from protocol.manifest import Verification
 
 # ONNX segments are expected to reproduce the whole model bitwise, but ONNX Runtime may fuse
 # nodes differently on either side of a cut; a difference up to this fraction of the largest

@@ -10,12 +10,12 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from node import edgetpu as edgetpu_probe
-from node.runtimes.base import Backend, Model, RuntimeFailure, warm_up
-from node.runtimes.edgetpu import EdgeTpuBackend
-from node.runtimes.litert import LiteRTBackend
-from node.runtimes.onnx import OnnxBackend
-from protocol.manifest import format_of
+from mqinfer.node import edgetpu as edgetpu_probe
+from mqinfer.node.runtimes.base import Backend, Model, RuntimeFailure, warm_up
+from mqinfer.node.runtimes.edgetpu import EdgeTpuBackend
+from mqinfer.node.runtimes.litert import LiteRTBackend
+from mqinfer.node.runtimes.onnx import OnnxBackend
+from mqinfer.protocol.manifest import format_of
 
 __all__ = [
     "Backend",

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from protocol.manifest import TensorInfo
+from mqinfer.protocol.manifest import TensorInfo
 
 
 class RuntimeFailure(Exception):

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from node.edgetpu import EDGETPU_LIBRARY, quiet_delegate_teardown
-from node.runtimes.base import RuntimeFailure
-from node.runtimes.litert import LiteRTModel, open_interpreter
-from node.sysinfo import one_line
+from mqinfer.node.edgetpu import EDGETPU_LIBRARY, quiet_delegate_teardown
+from mqinfer.node.runtimes.base import RuntimeFailure
+from mqinfer.node.runtimes.litert import LiteRTModel, open_interpreter
+from mqinfer.node.sysinfo import one_line
 
 
 class EdgeTpuBackend:

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from node.runtimes.base import RuntimeFailure, check_arity, describe
-from node.sysinfo import one_line
-from protocol.manifest import Quantization, TensorInfo
+from mqinfer.node.runtimes.base import RuntimeFailure, check_arity, describe
+from mqinfer.node.sysinfo import one_line
+from mqinfer.protocol.manifest import Quantization, TensorInfo
 
 RUNTIME_NAMES = {"litert": "LiteRT", "tflite_runtime": "tflite_runtime"}
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from node.runtimes.base import RuntimeFailure, check_arity, describe
-from node.sysinfo import one_line
-from protocol.manifest import TensorInfo
+from mqinfer.node.runtimes.base import RuntimeFailure, check_arity, describe
+from mqinfer.node.sysinfo import one_line
+from mqinfer.protocol.manifest import TensorInfo
 
 CPU_PROVIDER = "CPUExecutionProvider"
 # Listed by some builds without being a local device: it calls remote endpoints.

@@ -26,12 +26,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.ports import free_port
-from coordinator.agent import CoordinatorAgent
-from coordinator.registry import Registry
 from mqinfer import session
+from mqinfer.broker.ports import free_port
 from mqinfer.client import BrokerURL
-from protocol.topics import Topics
+from mqinfer.coordinator.agent import CoordinatorAgent
+from mqinfer.coordinator.registry import Registry
+from mqinfer.protocol.topics import Topics
 
 REPO = Path(__file__).resolve().parents[2]
 MOSQUITTO_CONF = REPO / "deploy" / "mosquitto" / "mosquitto.conf"

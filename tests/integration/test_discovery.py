@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 
-from node.capabilities import probe_host
-from protocol.topics import Topics
+from mqinfer.node.capabilities import probe_host
+from mqinfer.protocol.topics import Topics
 from tests.integration.harness import (
     Broker,
     InProcessCoordinator,

@@ -19,7 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from broker.ports import free_port
+from mqinfer.broker.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WAIT = 10.0  # upper bound for every wait; nothing asserts on timing

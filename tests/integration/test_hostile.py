@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from protocol.topics import Topics
+from mqinfer.protocol.topics import Topics
 from tests.integration.harness import (
     Broker,
     InProcessCoordinator,

@@ -11,8 +11,8 @@ import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.ports import free_port
-from protocol.topics import Topics
+from mqinfer.broker.ports import free_port
+from mqinfer.protocol.topics import Topics
 from tests.integration.harness import (
     REPO,
     Broker,

@@ -18,10 +18,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from mqinfer.protocol import tensors
+from mqinfer.protocol.manifest import TensorInfo
+from mqinfer.protocol.topics import Topics
 from mqinfer.split import pipeline_file
-from protocol import tensors
-from protocol.manifest import TensorInfo
-from protocol.topics import Topics
 from tests.integration.harness import (
     Broker,
     InProcessCoordinator,

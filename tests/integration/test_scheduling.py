@@ -15,9 +15,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from protocol import codec
-from protocol import messages as m
-from protocol.topics import Topics
+from mqinfer.protocol import codec
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.topics import Topics
 from tests.integration.harness import Broker, InProcessCoordinator, Observer, Procs, wait_for
 from tests.integration.requests import REPO, Requester, deploy
 

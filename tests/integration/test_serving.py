@@ -12,7 +12,7 @@ import numpy as np
 import orjson
 import pytest
 
-from protocol.topics import Topics
+from mqinfer.protocol.topics import Topics
 from tests.integration.harness import (
     Broker,
     InProcessCoordinator,

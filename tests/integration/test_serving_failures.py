@@ -17,8 +17,8 @@ import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from protocol import messages as m
-from protocol.topics import Topics
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.topics import Topics
 from tests.integration.harness import (
     Broker,
     InProcessCoordinator,

@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 import pytest
 
-from broker.ports import free_port
-from protocol.topics import Topics
+from mqinfer.broker.ports import free_port
+from mqinfer.protocol.topics import Topics
 from tests.integration.harness import (
     Broker,
     Observer,

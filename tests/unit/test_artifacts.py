@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from node.artifacts import ArtifactStore
-from node.fetch import Fetcher
-from protocol import codec
-from protocol import messages as m
-from protocol.errors import Code, ProtocolError
-from protocol.topics import Topics
+from mqinfer.node.artifacts import ArtifactStore
+from mqinfer.node.fetch import Fetcher
+from mqinfer.protocol import codec
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.errors import Code, ProtocolError
+from mqinfer.protocol.topics import Topics
 
 T = Topics()
 DATA = bytes(range(256)) * 40 + b"tail"  # 10244 bytes

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from node import capabilities as caps
-from node import edgetpu, gpus, sysinfo
-from protocol.messages import Capabilities, Runtime
+from mqinfer.node import capabilities as caps
+from mqinfer.node import edgetpu, gpus, sysinfo
+from mqinfer.protocol.messages import Capabilities, Runtime
 
 GPU_PROVIDERS = {
     "CUDAExecutionProvider",

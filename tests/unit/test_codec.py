@@ -5,10 +5,10 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from protocol import codec
-from protocol import messages as m
-from protocol.errors import Code, ProtocolError
-from protocol.topics import Kind, Topics
+from mqinfer.protocol import codec
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.errors import Code, ProtocolError
+from mqinfer.protocol.topics import Kind, Topics
 
 STATE = {"v": 1, "node": "edge-1", "state": "online", "session": 5, "ts": 1.5}
 

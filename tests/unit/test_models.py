@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from node.runtimes.onnx import tensor_info
-from protocol.manifest import Manifest, Preprocessing, TensorInfo
+from mqinfer.node.runtimes.onnx import tensor_info
+from mqinfer.protocol.manifest import Manifest, Preprocessing, TensorInfo
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 MANIFESTS = sorted(MODELS.rglob("*.json"))

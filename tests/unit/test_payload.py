@@ -12,9 +12,9 @@ import orjson
 import pytest
 from PIL import Image
 
-from protocol.errors import Code, ProtocolError
-from protocol.manifest import Preprocessing, Quantization, TensorInfo
-from protocol.payload import (
+from mqinfer.protocol.errors import Code, ProtocolError
+from mqinfer.protocol.manifest import Preprocessing, Quantization, TensorInfo
+from mqinfer.protocol.payload import (
     MAX_IMAGE_PIXELS,
     decode_request,
     detect,

@@ -12,15 +12,15 @@ import orjson
 import pytest
 
 from mqinfer.client import Message, Outgoing
+from mqinfer.node.runtimes import available_backends
+from mqinfer.node.serving import Replica
+from mqinfer.protocol import messages as m
+from mqinfer.protocol import tensors
+from mqinfer.protocol.manifest import Pipeline, TensorInfo
+from mqinfer.protocol.routing import owner, request_key
+from mqinfer.protocol.topics import Kind, Topics
 from mqinfer.servicefile import read_model
 from mqinfer.split import split_model
-from node.runtimes import available_backends
-from node.serving import Replica
-from protocol import messages as m
-from protocol import tensors
-from protocol.manifest import Pipeline, TensorInfo
-from protocol.routing import owner, request_key
-from protocol.topics import Kind, Topics
 from tests.unit import test_serving as serving_tests
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.placement import memory_needed_mb, place, why_not
-from coordinator.registry import NodeRecord
-from protocol import messages as m
+from mqinfer.coordinator.placement import memory_needed_mb, place, why_not
+from mqinfer.coordinator.registry import NodeRecord
+from mqinfer.protocol import messages as m
 
 SHA = "ab" * 32
 MB = 2**20

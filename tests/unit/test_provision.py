@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from coordinator.provision import (
+from mqinfer.coordinator.provision import (
     DEPLOY_ATTEMPTS,
     DEPLOY_TIMEOUT,
     RECONCILE_EVERY,
@@ -14,8 +14,8 @@ from coordinator.provision import (
     PublishStatus,
     SendCommand,
 )
-from coordinator.registry import NodeRecord, Registry
-from protocol import messages as m
+from mqinfer.coordinator.registry import NodeRecord, Registry
+from mqinfer.protocol import messages as m
 
 SHA = "ab" * 32
 OTHER_SHA = "cd" * 32
@@ -449,7 +449,7 @@ def test_no_node_runs_the_format_fails_with_each_nodes_reason() -> None:
 
 
 def pipeline_spec(stages: int = 2, **kw: object) -> m.ServiceSpec:
-    from protocol.manifest import Manifest, Pipeline, Segment, TensorInfo, Verification
+    from mqinfer.protocol.manifest import Manifest, Pipeline, Segment, TensorInfo, Verification
 
     tensor = TensorInfo(name="x", dtype="int8", shape=[1, 4])
     segments = [

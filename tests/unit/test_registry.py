@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from coordinator.registry import Registry
-from protocol import messages as m
-from protocol.topics import Ref, Topics
+from mqinfer.coordinator.registry import Registry
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.topics import Ref, Topics
 
 T = Topics()
 

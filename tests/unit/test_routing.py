@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from protocol.replies import request_id, result_topic
-from protocol.routing import Witness, Witnessed, owner, request_key
-from protocol.topics import Topics
+from mqinfer.protocol.replies import request_id, result_topic
+from mqinfer.protocol.routing import Witness, Witnessed, owner, request_key
+from mqinfer.protocol.topics import Topics
 
 T = Topics()
 REQUEST = T.service_request("digits")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from node.runtimes import (
+from mqinfer.node.runtimes import (
     RuntimeFailure,
     available_backends,
     backends_for,
@@ -20,11 +20,11 @@ from node.runtimes import (
     import_runtimes,
     warm_up,
 )
-from node.runtimes.base import Model
-from node.runtimes.edgetpu import EdgeTpuBackend
-from node.runtimes.onnx import providers_in_order, tensor_info
-from protocol.manifest import Manifest
-from protocol.payload import decode_request, top_k
+from mqinfer.node.runtimes.base import Model
+from mqinfer.node.runtimes.edgetpu import EdgeTpuBackend
+from mqinfer.node.runtimes.onnx import providers_in_order, tensor_info
+from mqinfer.protocol.manifest import Manifest
+from mqinfer.protocol.payload import decode_request, top_k
 
 DIGITS = Path(__file__).resolve().parents[2] / "models" / "digits"
 MODELS = {  # manifest -> (model file, format)

@@ -10,12 +10,12 @@ from pathlib import Path
 import orjson
 
 from mqinfer.client import Message, Outgoing
+from mqinfer.node.runtimes import available_backends
+from mqinfer.node.serving import Replica
+from mqinfer.protocol import messages as m
+from mqinfer.protocol.routing import owner, request_key
+from mqinfer.protocol.topics import Kind, Topics
 from mqinfer.servicefile import read_model
-from node.runtimes import available_backends
-from node.serving import Replica
-from protocol import messages as m
-from protocol.routing import owner, request_key
-from protocol.topics import Kind, Topics
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "models" / "digits" / "digits_int8.tflite"

@@ -20,6 +20,8 @@ import onnx.numpy_helper
 import pytest
 
 import mqinfer.cli
+from mqinfer.node.runtimes import Backend, Model, available_backends
+from mqinfer.protocol.manifest import Manifest, Pipeline, format_of
 from mqinfer.split import (
     RANDOM_INPUTS,
     SplitError,
@@ -28,8 +30,6 @@ from mqinfer.split import (
     split_temporarily,
     verify_files,
 )
-from node.runtimes import Backend, Model, available_backends
-from protocol.manifest import Manifest, Pipeline, format_of
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 MOBILENET = MODELS / "mobilenet_v2" / "mobilenet_v2_int8.tflite"

@@ -8,9 +8,9 @@ import numpy as np
 import orjson
 import pytest
 
-from protocol import tensors
-from protocol.errors import Code, ProtocolError
-from protocol.manifest import Quantization, TensorInfo
+from mqinfer.protocol import tensors
+from mqinfer.protocol.errors import Code, ProtocolError
+from mqinfer.protocol.manifest import Quantization, TensorInfo
 
 
 def message(*arrays: np.ndarray) -> tensors.StageMessage:

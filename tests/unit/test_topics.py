@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.topics import (
+from mqinfer.protocol.topics import (
     TABLE,
     Kind,
     Ref,

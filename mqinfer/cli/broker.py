@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from broker.embedded import PortInUse, serve
+from mqinfer.broker.embedded import PortInUse, serve
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1883

@@ -7,10 +7,10 @@ import logging
 from pathlib import Path
 
 from mqinfer import options, session
-from node.agent import NodeAgent
-from node.capabilities import probe_host, probe_runtimes
-from node.fetch import META_WAIT
-from node.runtimes import available_backends
+from mqinfer.node.agent import NodeAgent
+from mqinfer.node.capabilities import probe_host, probe_runtimes
+from mqinfer.node.fetch import META_WAIT
+from mqinfer.node.runtimes import available_backends
 
 log = logging.getLogger("mqinfer.node")
 

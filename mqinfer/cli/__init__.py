@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import broker.cli
-import coordinator.cli
-import node.cli
 from mqinfer import demo, deploy, infer, split
+from mqinfer.cli import broker, coordinator, node
 
 
 def parser() -> argparse.ArgumentParser:
@@ -18,9 +16,9 @@ def parser() -> argparse.ArgumentParser:
         "Every command takes --help.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    broker.cli.add_parser(sub)
-    node.cli.add_parser(sub)
-    coordinator.cli.add_parsers(sub)
+    broker.add_parser(sub)
+    node.add_parser(sub)
+    coordinator.add_parsers(sub)
     deploy.add_parsers(sub)
     infer.add_parser(sub)
     split.add_parser(sub)

@@ -7,11 +7,11 @@ import sys
 
 import orjson
 
-from coordinator import status
-from coordinator.agent import FORGET_AFTER, CoordinatorAgent
-from coordinator.registry import Registry
 from mqinfer import options, session
 from mqinfer.client import AuthRefused, MQTTError
+from mqinfer.coordinator import status
+from mqinfer.coordinator.agent import FORGET_AFTER, CoordinatorAgent
+from mqinfer.coordinator.registry import Registry
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

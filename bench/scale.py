@@ -47,11 +47,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import REPO, Cluster, Report, machine, spread
 from bench.simnodes import INTERVAL, Kit, SimStats, Simulators, node_beat, node_caps, node_ids
-from mqinfer.client import Message
 from mqinfer.coordinator.agent import read
 from mqinfer.coordinator.placement import place
 from mqinfer.coordinator.provision import Provisioner, SendCommand
 from mqinfer.coordinator.registry import Registry
+from mqinfer.mqtt import Message
 from mqinfer.node.capabilities import probe_host, probe_runtimes, reference_ms
 from mqinfer.protocol import codec
 from mqinfer.protocol import messages as m

@@ -30,16 +30,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from mqinfer.mqtt.session import SessionCounter
 from mqinfer.node import sysinfo
 from mqinfer.node.capabilities import Probe, capabilities
 from mqinfer.protocol import codec
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import Code, ProtocolError
 from mqinfer.protocol.topics import Kind, Topics
-from mqinfer.session import SessionCounter
 
 INTERVAL = 1.0  # heartbeat interval of the simulated nodes (s)
-KEEPALIVE = 30  # as mqinfer.session.run
+KEEPALIVE = 30  # as mqinfer.mqtt.session.run
 HANDSHAKES = 50  # connections per simulator waiting for their CONNACK at most
 CONNACK_LIMIT = 10.0  # seconds for a CONNACK before a simulated node counts as failed
 

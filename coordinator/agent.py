@@ -14,9 +14,9 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
-from mqinfer.client import Connection, Message, MQTTError, NotConnected, Will
 from mqinfer.coordinator.provision import Action, Provisioner, PublishStatus, SendCommand
 from mqinfer.coordinator.registry import Change, Registry
+from mqinfer.mqtt import Connection, Message, MQTTError, NotConnected, Will
 from mqinfer.protocol import codec, replies
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import Code, ProtocolError

@@ -11,9 +11,9 @@ import threading
 import time
 from typing import Any
 
-from mqinfer.client import BrokerURL, Connection, Message
 from mqinfer.coordinator.agent import read, subscriptions
 from mqinfer.coordinator.registry import NodeRecord, Registry
+from mqinfer.mqtt import Brokers, Connection, Message
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import ProtocolError
 from mqinfer.protocol.topics import TopicError, Topics
@@ -22,7 +22,7 @@ log = logging.getLogger("mqinfer.status")
 
 
 def collect(
-    url: BrokerURL, topics: Topics, protocol: str = "auto", settle: float = 0.5, limit: float = 5.0
+    url: Brokers, topics: Topics, protocol: str = "auto", settle: float = 0.5, limit: float = 5.0
 ) -> Registry:
     """Subscribe, take the retained messages until `settle` s pass quietly (at most `limit`)."""
     registry = Registry()

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from mqinfer import deploy, infer
 from mqinfer.broker.ports import free_port, port_is_free
-from mqinfer.client import BrokerURL, MQTTError
 from mqinfer.coordinator import status
 from mqinfer.coordinator.registry import Registry
+from mqinfer.mqtt import Brokers, BrokerURL, MQTTError
 from mqinfer.protocol.topics import Topics
 from mqinfer.servicefile import load_spec_file
 
@@ -60,7 +60,7 @@ def _process(name: str, *args: str) -> Iterator[subprocess.Popen[bytes]]:
                 proc.wait()
 
 
-def _wait_online(url: BrokerURL, topics: Topics, deadline: float) -> Registry:
+def _wait_online(url: Brokers, topics: Topics, deadline: float) -> Registry:
     while True:
         try:
             registry = status.collect(url, topics, protocol="3.1.1", settle=0.3)
@@ -77,7 +77,7 @@ def _wait_online(url: BrokerURL, topics: Topics, deadline: float) -> Registry:
         time.sleep(0.5)
 
 
-def _classify(url: BrokerURL, topics: Topics) -> bool:
+def _classify(url: Brokers, topics: Topics) -> bool:
     """Deploy the digits service on both nodes and classify the sample digits."""
     spec_file, model = load_spec_file(DIGITS / "service.yaml")
     print(f"demo: deploying {spec_file.name} ({model.path.name}, {spec_file.replicas} replicas)")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mqinfer import options
-from mqinfer.client import BrokerURL, Connection, Message, MQTTError
+from mqinfer.mqtt import Brokers, Connection, Message, MQTTError
 from mqinfer.protocol import codec
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import ProtocolError
@@ -100,7 +100,7 @@ class _Follower:
             return result
 
 
-def _connect(url: BrokerURL, protocol: str, follower: _Follower, what: str) -> Connection:
+def _connect(url: Brokers, protocol: str, follower: _Follower, what: str) -> Connection:
     conn = Connection(
         url, f"mqinfer-{what}-{uuid.uuid4().hex[:12]}", follower.on_message, protocol=protocol
     )
@@ -116,7 +116,7 @@ def _replicas(status: m.ServiceStatus) -> str:
 
 
 def deploy(
-    url: BrokerURL,
+    url: Brokers,
     topics: Topics,
     spec_file: ServiceFile,
     model: ModelFile,
@@ -184,7 +184,7 @@ def deploy(
 
 
 def undeploy(
-    url: BrokerURL, topics: Topics, name: str, wait: float | None, protocol: str = "auto"
+    url: Brokers, topics: Topics, name: str, wait: float | None, protocol: str = "auto"
 ) -> int:
     follower = _Follower(topics, name)
     conn = _connect(url, protocol, follower, "undeploy")
@@ -344,7 +344,7 @@ def _run_deploy(args: argparse.Namespace) -> int:
         print(f"mqinfer deploy: {e}", file=sys.stderr)
         return 2
     except MQTTError as e:
-        print(f"mqinfer deploy: broker {url}: {e}", file=sys.stderr)
+        print(f"mqinfer deploy: {e}", file=sys.stderr)
         return 1
 
 
@@ -384,5 +384,5 @@ def _run_undeploy(args: argparse.Namespace) -> int:
             url, topics, args.name, args.timeout if args.wait else None, args.mqtt_version
         )
     except MQTTError as e:
-        print(f"mqinfer undeploy: broker {url}: {e}", file=sys.stderr)
+        print(f"mqinfer undeploy: {e}", file=sys.stderr)
         return 1

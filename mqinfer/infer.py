@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from mqinfer import options
-from mqinfer.client import BrokerURL, Connection, Message, MQTTError
+from mqinfer.mqtt import Brokers, Connection, Message, MQTTError
 from mqinfer.protocol.topics import Topics
 
 EXIT_ERRORS = 1  # some request got an error result
@@ -26,7 +26,7 @@ EXIT_TIMEOUT = 4  # some request got no result in time
 
 
 def request(
-    url: BrokerURL,
+    url: Brokers,
     topics: Topics,
     service: str,
     payloads: list[bytes],
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = request(url, topics, args.service, payloads, args.timeout, args.mqtt_version)
     except MQTTError as e:
-        print(f"mqinfer infer: broker {url}: {e}", file=sys.stderr)
+        print(f"mqinfer infer: {e}", file=sys.stderr)
         return 1
     status = 0
     for path, result in zip(args.files, results, strict=True):

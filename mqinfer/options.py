@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
-from mqinfer.client import DEFAULT_BROKER, BrokerURL
+from mqinfer.mqtt import DEFAULT_BROKER, BrokerURL, parse_brokers
 from mqinfer.protocol.topics import (
     DEFAULT_PREFIX,
     TopicError,
@@ -49,9 +49,10 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("broker")
     g.add_argument(
         "--broker",
-        default=env("BROKER", DEFAULT_BROKER),
-        help="broker URL mqtt://[user:pass@]HOST:PORT or mqtts://... "
-        "(env MQINFER_BROKER; default %(default)s)",
+        action="append",
+        help="broker URL mqtt://[user:pass@]HOST:PORT or mqtts://...; repeat it (or separate "
+        "URLs with commas) for the members of a clustered broker, tried in turn "
+        f"(env MQINFER_BROKER; default {DEFAULT_BROKER})",
     )
     g.add_argument(
         "--prefix",
@@ -72,14 +73,16 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[BrokerURL, Topics]:
+def resolve(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[list[BrokerURL], Topics]:
     """Validate the shared options; exit with a usage error naming what is wrong."""
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
-        url = BrokerURL.parse(args.broker)
+        url = parse_brokers(args.broker or env("BROKER", DEFAULT_BROKER))
     except ValueError as e:
         parser.error(str(e))
     try:

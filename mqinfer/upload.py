@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 
-from mqinfer.client import Connection, Message, NotConnected
+from mqinfer.mqtt import Connection, Message, NotConnected
 from mqinfer.protocol import codec
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import ProtocolError

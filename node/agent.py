@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from mqinfer.client import Connection, Message, MQTTError, NotConnected, Outgoing, Will
+from mqinfer.mqtt import Connection, Message, MQTTError, NotConnected, Outgoing, Will
 from mqinfer.node import sysinfo
 from mqinfer.node.artifacts import ArtifactStore, default_cache_dir
 from mqinfer.node.capabilities import Probe, capabilities, reference_ms
@@ -26,7 +26,7 @@ log = logging.getLogger("mqinfer.node")
 
 
 class NodeAgent:
-    """Runs one node's sessions (see mqinfer.session.run)."""
+    """Runs one node's sessions (see mqinfer.mqtt.session.run)."""
 
     def __init__(
         self,
@@ -204,7 +204,7 @@ class NodeAgent:
         try:
             if conn is None:
                 raise NotConnected("no connection yet")
-            conn.publish_together(messages)
+            conn.publish_many(messages)
         except MQTTError as e:
             log.warning("%s: could not publish to %s: %s", self.name, messages[0].topic, e)
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from mqinfer.client import Connection, Message, MQTTError, NotConnected
+from mqinfer.mqtt import Connection, Message, MQTTError, NotConnected
 from mqinfer.protocol import codec
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import Code, ProtocolError

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from mqinfer.client import MQTTError, NotConnected
+from mqinfer.mqtt import MQTTError, NotConnected
 from mqinfer.node.serving import Replica
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import Code, ProtocolError

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from mqinfer.client import Message, Outgoing
+from mqinfer.mqtt import Message, Outgoing
 from mqinfer.node.runtimes import Backend, Model, RuntimeFailure, warm_up
 from mqinfer.protocol import codec, replies, tensors
 from mqinfer.protocol import messages as m
@@ -33,7 +33,7 @@ from mqinfer.protocol.topics import Ref, Topics
 
 log = logging.getLogger("mqinfer.node")
 
-# Publish messages back to back without blocking (mqinfer.client.Connection.publish_together).
+# Publish messages back to back without blocking (mqinfer.mqtt.Connection.publish_many).
 Send = Callable[[list[Outgoing]], None]
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024

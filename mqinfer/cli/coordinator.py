@@ -7,11 +7,11 @@ import sys
 
 import orjson
 
-from mqinfer import options, session
-from mqinfer.client import AuthRefused, MQTTError
+from mqinfer import options
 from mqinfer.coordinator import status
 from mqinfer.coordinator.agent import FORGET_AFTER, CoordinatorAgent
 from mqinfer.coordinator.registry import Registry
+from mqinfer.mqtt import AuthRefused, MQTTError, session
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -6,7 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from mqinfer import options, session
+from mqinfer import options
+from mqinfer.mqtt import session
 from mqinfer.node.agent import NodeAgent
 from mqinfer.node.capabilities import probe_host, probe_runtimes
 from mqinfer.node.fetch import META_WAIT

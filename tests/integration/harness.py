@@ -26,11 +26,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from mqinfer import session
 from mqinfer.broker.ports import free_port
-from mqinfer.client import BrokerURL
 from mqinfer.coordinator.agent import CoordinatorAgent
 from mqinfer.coordinator.registry import Registry
+from mqinfer.mqtt import BrokerURL, session
 from mqinfer.protocol.topics import Topics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -242,12 +241,15 @@ class Procs:
         self.all.append(p)
         return p
 
-    def node(self, broker: Broker, prefix: str, node_id: str, *extra: str) -> Proc:
+    def node(
+        self, broker: Broker, prefix: str, node_id: str, *extra: str, url: str | None = None
+    ) -> Proc:
+        """`mqinfer node` on `broker` (at `url`, with credentials say, if given)."""
         return self.start(
             node_id,
             "node",
             "--broker",
-            broker.url,
+            url or broker.url,
             "--prefix",
             prefix,
             "--id",

@@ -116,7 +116,7 @@ def test_acl_allows_deploying_and_serving(tmp_path: Path, procs: Procs) -> None:
     try:
         coord = b.url_as("coordinator", "pw")
         procs.start("coordinator", "coordinator", "--broker", coord)
-        procs.node(b, "mqinfer", "edge-01", "--broker", b.url_as("edge-01", "pw"))
+        procs.node(b, "mqinfer", "edge-01", url=b.url_as("edge-01", "pw"))
         models = REPO / "models" / "digits"
         out = subprocess.run(
             [

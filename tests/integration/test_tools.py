@@ -305,7 +305,7 @@ def test_client_sockets_have_tcp_nodelay(broker: Broker) -> None:
     """Without TCP_NODELAY a QoS 1 round trip waits for delayed ACKs (~88 ms, not ~0.6 ms)."""
     import socket
 
-    from mqinfer.client import Connection
+    from mqinfer.mqtt import Connection
 
     conn = Connection(broker.broker_url, f"nodelay-{uuid.uuid4().hex[:8]}", lambda _m: None)
     conn.open()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mqinfer.client import BrokerURL
-from mqinfer.session import Backoff, SessionCounter
+from mqinfer.mqtt import BrokerURL
+from mqinfer.mqtt.session import Backoff, SessionCounter
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 import pytest
 
-from mqinfer.client import Message, Outgoing
+from mqinfer.mqtt import Message, Outgoing
 from mqinfer.node.runtimes import available_backends
 from mqinfer.node.serving import Replica
 from mqinfer.protocol import messages as m

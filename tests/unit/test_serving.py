@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 
-from mqinfer.client import Message, Outgoing
+from mqinfer.mqtt import Message, Outgoing
 from mqinfer.node.runtimes import available_backends
 from mqinfer.node.serving import Replica
 from mqinfer.protocol import messages as m

@@ -1,25 +1,32 @@
-"""One MQTT connection (paho-mqtt 2.x) with the habits every mqinfer component needs.
+"""One MQTT connection (paho-mqtt 2.x, public API only) with the habits every mqinfer
+component needs.
 
 - TCP_NODELAY on the socket (without it a QoS 1 round trip on loopback is ~88 ms, not ~0.6 ms).
 - MQTT 5 when the broker speaks it, MQTT 3.1.1 otherwise (the embedded amqtt broker).
-- Connecting, subscribing and publishing wait for the broker's answer and raise a specific
-  error; nothing is dropped silently while disconnected.
-- The network loop runs in its own thread and never reconnects by itself: a lost connection
-  ends the session, and `mqinfer.session.run` starts a new one (new Will, new session number).
+- Several broker URLs (members of a clustered broker): each is tried in turn.
+- The network loop is ours: paho's external-loop calls (`loop_read`, `loop_write`,
+  `loop_misc`) in a thread of this connection, around a select() that a small socket pair of
+  ours can wake. Every call into paho, from any thread, holds one lock, so a publish from a
+  worker thread is written at once and never interleaves with the network thread's writes.
+- Connecting, subscribing and publishing raise a specific error; nothing is dropped
+  silently while disconnected: a plain connection raises NotConnected, a persistent one
+  (a session the broker keeps) queues QoS 1 messages in paho and sends them on reconnect.
+- A lost connection ends the network thread. A plain connection is then done (the session
+  loop makes a new one, with a new Will and session number); a persistent one can be
+  reopened, keeping its session on the broker and its unacknowledged messages.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import ssl
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -27,9 +34,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-log = logging.getLogger("mqinfer.client")
+from mqinfer.mqtt.url import Brokers, BrokerURL
 
-DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+log = logging.getLogger("mqinfer.mqtt")
 
 
 class MQTTError(Exception):
@@ -49,51 +56,20 @@ class NotConnected(MQTTError):
 
 
 @dataclass(frozen=True)
-class BrokerURL:
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerURL:
-        """Parse mqtt://[user[:pass]@]host[:port] or mqtts://...; raise ValueError if wrong."""
-        if "://" not in url:
-            url = "mqtt://" + url
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(
-                f"broker URL {url!r}: scheme must be mqtt:// or mqtts://, got {parts.scheme!r}"
-            )
-        if not parts.hostname:
-            raise ValueError(f"broker URL {url!r}: no host (expected mqtt://HOST:PORT)")
-        if parts.path not in ("", "/"):
-            raise ValueError(f"broker URL {url!r}: unexpected path {parts.path!r}")
-        try:
-            port = parts.port
-        except ValueError:
-            raise ValueError(f"broker URL {url!r}: port must be a number 1-65535") from None
-        tls = parts.scheme == "mqtts"
-        return cls(
-            host=parts.hostname,
-            port=port or (8883 if tls else 1883),
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            tls=tls,
-        )
-
-    def __str__(self) -> str:
-        user = f"{self.username}@" if self.username else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
 class Will:
     topic: str
     payload: bytes
     qos: int = 1
     retain: bool = True
+
+
+@dataclass(frozen=True)
+class Persistence:
+    """A session the broker keeps while this client is away (MQTT 5 session expiry; a
+    3.1.1 clean-session-false session), so QoS 1 messages wait for it there."""
+
+    expiry: int = 3600  # seconds the broker keeps the session after a disconnect (MQTT 5)
+    receive_maximum: int = 65535  # unacknowledged QoS 1 messages the broker may send us
 
 
 @dataclass(frozen=True)
@@ -106,6 +82,8 @@ class Message:
     retain: bool
     response_topic: str | None = None
     correlation_data: bytes | None = None
+    mid: int = 0  # the broker's packet id (QoS 1): what a manual acknowledgement names
+    dup: bool = False  # a redelivery by the broker of a message not acknowledged before
 
 
 # CONNACK reason codes that no retry can fix (3.1.1: 4, 5; MQTT 5: 134, 135, 138, 140).
@@ -113,45 +91,86 @@ _FATAL = {"Bad user name or password", "Not authorized", "Banned", "Bad authenti
 _VERSION_REFUSED = {"Unsupported protocol version"}
 
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+LOOP_TIMEOUT = 0.5  # seconds the network thread sleeps in select() when nothing happens
 
 
 class Connection:
-    """A connected paho client whose network loop runs in a daemon thread."""
+    """A paho client driven by a network thread of its own."""
 
     def __init__(
         self,
-        url: BrokerURL,
+        urls: Brokers,
         client_id: str,
         on_message: Callable[[Message], None],
         will: Will | None = None,
         protocol: str = "auto",
         keepalive: int = 30,
+        persistence: Persistence | None = None,
+        manual_ack: bool = False,
     ) -> None:
         if protocol not in ("auto", *PROTOCOLS):
             raise ValueError(f"protocol must be auto, 5 or 3.1.1; got {protocol!r}")
-        self.url = url
+        self.urls = [urls] if isinstance(urls, BrokerURL) else list(urls)
+        if not self.urls:
+            raise ValueError("no broker URL")
+        self.url = self.urls[0]  # the one connected to (or tried last)
         self.client_id = client_id
         self.keepalive = keepalive
+        self.persistence = persistence
+        self.manual_ack = manual_ack
         self._on_message = on_message
         self._will = will
         self._protocol = protocol
         self.version: str | None = None  # negotiated: "5" or "3.1.1"
+        self.session_present = False  # the broker still had our session (persistent only)
+        self.taken_over = False  # the broker closed us for another client with our id
         self._client: mqtt.Client | None = None
+        self._io = threading.RLock()  # held around every call into paho
         self._connack = threading.Event()
         self._connack_rc: ReasonCode | None = None
         self._lost = threading.Event()
+        self._lost.set()
         self._closing = False
         self._acks: dict[int, tuple[threading.Event, list[Any]]] = {}
         self._acks_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._outbox: deque[list[Outgoing]] = deque()
+        self._waker: tuple[socket.socket, socket.socket] | None = None  # of the network thread
+        self._tls: mqtt.Client | None = None  # the client TLS was set up on
+
+    def set_will(self, will: Will | None) -> None:
+        """The Will of the next connection (a persistent connection names its session)."""
+        self._will = will
+        if self._client is not None:
+            with self._io:
+                self._client.will_clear()
+                if will is not None:
+                    self._client.will_set(will.topic, will.payload, will.qos, will.retain)
 
     # ---- connecting -------------------------------------------------------------
 
     def open(self, timeout: float = 10.0) -> None:
-        """Connect, with MQTT 5 when the broker speaks it and protocol is auto."""
-        if self._protocol != "auto":
-            self._open_version(self._protocol, timeout)
+        """Connect to the first URL that answers, with MQTT 5 when the broker speaks it
+        and protocol is auto. Refused credentials are final; other failures try the next."""
+        errors: list[str] = []
+        for url in self._order():
+            self.url = url
+            try:
+                self._open_url(timeout)
+                return
+            except AuthRefused:
+                raise
+            except MQTTError as e:
+                errors.append(str(e))
+        raise ConnectError("; ".join(errors))
+
+    def _order(self) -> list[BrokerURL]:
+        """The URL that worked last first, then the others in the order given."""
+        i = self.urls.index(self.url) if self.url in self.urls else 0
+        return self.urls[i:] + self.urls[:i]
+
+    def _open_url(self, timeout: float) -> None:
+        if self.version is not None or self._protocol != "auto":
+            self._open_version(self.version or self._protocol, timeout)
             return
         if self._will is not None:
             # A broker that only speaks 3.1.1 (amqtt) misreads an MQTT 5 CONNECT that
@@ -184,15 +203,12 @@ class Connection:
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=PROTOCOLS[version],
-            clean_session=True if version == "3.1.1" else None,
+            clean_session=(self.persistence is None) if version == "3.1.1" else None,
+            manual_ack=self.manual_ack,
         )
         paho_log = logging.getLogger("mqinfer.paho")
         if paho_log.isEnabledFor(logging.DEBUG):
             client.enable_logger(paho_log)
-        if self.url.username is not None:
-            client.username_pw_set(self.url.username, self.url.password)
-        if self.url.tls:
-            client.tls_set_context(ssl.create_default_context())
         if self._will is not None:
             w = self._will
             client.will_set(w.topic, w.payload, w.qos, w.retain)
@@ -201,22 +217,54 @@ class Connection:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_subscribe = self._handle_subscribe
-        client.max_inflight_messages_set(100)
+        client.max_inflight_messages_set(1000)
         client.max_queued_messages_set(0)
         return client
 
+    def _configure(self, client: mqtt.Client) -> None:
+        """Credentials and TLS of the URL about to be tried."""
+        if self.url.username is not None:
+            client.username_pw_set(self.url.username, self.url.password)
+        if self.url.tls and self._tls is not client:  # paho allows it once per client
+            client.tls_set_context(ssl.create_default_context())
+            self._tls = client
+
     def _open(self, version: str, timeout: float) -> None:
         self._connack.clear()
-        self._lost.clear()
         self._connack_rc = None
-        client = self._make_client(version)
-        self._client = client
-        try:
-            client.connect(self.url.host, self.url.port, keepalive=self.keepalive)
-        except (OSError, ssl.SSLError) as e:
-            raise ConnectError(f"cannot reach {self.url}: {e}") from None
+        self.taken_over = False
+        client = self._client
+        if client is None or self.persistence is None or self.version != version:
+            client = self._make_client(version)
+        self._configure(client)
+        props = None
+        if version == "5" and self.persistence is not None:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.persistence.expiry
+            props.ReceiveMaximum = self.persistence.receive_maximum
+        with self._io:
+            self._client = client
+            self._lost.clear()
+            try:
+                if version == "5":
+                    client.connect(
+                        self.url.host,
+                        self.url.port,
+                        keepalive=self.keepalive,
+                        clean_start=self.persistence is None,
+                        properties=props,
+                    )
+                else:  # 3.1.1: the session is kept by clean_session (the Client's)
+                    client.connect(self.url.host, self.url.port, keepalive=self.keepalive)
+            except (OSError, ssl.SSLError) as e:
+                self._lost.set()
+                raise ConnectError(f"cannot reach {self.url}: {e}") from None
+        waker = socket.socketpair()
+        for end in waker:
+            end.setblocking(False)
+        self._waker = waker
         self._thread = threading.Thread(
-            target=self._network_loop, name=f"mqtt-{self.client_id}", daemon=True
+            target=self._network_loop, args=(waker,), name=f"mqtt-{self.client_id}", daemon=True
         )
         self._thread.start()
         if not self._connack.wait(timeout) and not self._lost.is_set():
@@ -237,29 +285,68 @@ class Connection:
                 raise AuthRefused(f"{self.url} refused the connection: {name}")
             raise ConnectError(f"{self.url} refused the connection: {name}")
 
-    def _network_loop(self) -> None:
+    def _network_loop(self, waker: tuple[socket.socket, socket.socket]) -> None:
         client = self._client
         assert client is not None
-        while not self._lost.is_set():
-            rc = client.loop(timeout=0.5)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+        sock = client.socket()
+        wake = waker[0]
+        while not self._lost.is_set() and sock is not None:
+            with self._io:
+                writing = client.want_write()
+                pending = getattr(sock, "pending", lambda: 0)()
+            try:
+                readable, _writable, _ = select.select(
+                    [sock, wake], [sock] if writing else [], [], 0 if pending else LOOP_TIMEOUT
+                )
+            except (OSError, ValueError):
                 break
-            self._drain_outbox()
+            if wake in readable:
+                with contextlib.suppress(OSError):
+                    wake.recv(4096)
+            with self._io:
+                rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+                if sock in readable or pending:
+                    rc = client.loop_read()
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and client.want_write():
+                    rc = client.loop_write()
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    rc = client.loop_misc()
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is not sock:
+                    break
         self._lost.set()
         self._connack.set()
         self._fail_pending()
+        with self._io:
+            s = client.socket()
+            with contextlib.suppress(OSError):
+                if s is not None:
+                    s.close()
+            if self._waker is waker:
+                self._waker = None
+        for end in waker:
+            end.close()
 
-    # ---- paho callbacks (network thread) ------------------------------------------
+    def _wake(self) -> None:
+        """Make the network thread look again (a write left over, a new subscription)."""
+        waker = self._waker
+        if waker is not None:
+            with contextlib.suppress(OSError):
+                waker[1].send(b"w")
+
+    # ---- paho callbacks (network thread, io lock held) --------------------------------
 
     def _handle_connect(
-        self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
+        self, _c: mqtt.Client, _u: Any, flags: Any, rc: ReasonCode, _p: Properties | None
     ) -> None:
         self._connack_rc = rc
+        self.session_present = bool(getattr(flags, "session_present", False))
         self._connack.set()
 
     def _handle_disconnect(
         self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
     ) -> None:
+        if rc.getName() == "Session taken over":
+            self.taken_over = True
         if not self._closing and self._connack_rc is not None and not self._connack_rc.is_failure:
             log.warning("connection to %s lost: %s", self.url, rc.getName())
         self._lost.set()
@@ -273,6 +360,8 @@ class Connection:
             retain=bool(msg.retain),
             response_topic=getattr(props, "ResponseTopic", None),
             correlation_data=getattr(props, "CorrelationData", None),
+            mid=msg.mid,
+            dup=bool(msg.dup),
         )
         try:
             self._on_message(message)
@@ -282,13 +371,10 @@ class Connection:
     def _handle_subscribe(
         self, _c: mqtt.Client, _u: Any, mid: int, codes: list[ReasonCode], _p: Properties | None
     ) -> None:
-        self._resolve(mid, codes)
-
-    def _resolve(self, mid: int, value: list[ReasonCode]) -> None:
         with self._acks_lock:
             waiter = self._acks.pop(mid, None)
         if waiter is not None:
-            waiter[1].extend(value)
+            waiter[1].extend(codes)
             waiter[0].set()
 
     def _fail_pending(self) -> None:
@@ -312,14 +398,19 @@ class Connection:
         return self._client
 
     def subscribe(self, filters: Sequence[tuple[str, int]], timeout: float = 10.0) -> None:
-        """Subscribe and wait for the SUBACK; raise if the broker refused any filter."""
-        client = self._live_client()
+        """Subscribe and wait for the SUBACK; raise if the broker refused any filter. Not
+        on the network thread (it would wait for itself)."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("subscribe in a message handler would wait for itself")
         event, codes = threading.Event(), []  # type: ignore[var-annotated]
-        with self._acks_lock:
-            rc, mid = client.subscribe(list(filters))
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-                raise NotConnected(f"subscribe failed: {mqtt.error_string(rc)}")
-            self._acks[mid] = (event, codes)
+        with self._io:
+            client = self._live_client()
+            with self._acks_lock:
+                rc, mid = client.subscribe(list(filters))
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                    raise NotConnected(f"subscribe failed: {mqtt.error_string(rc)}")
+                self._acks[mid] = (event, codes)
+        self._wake()
         if not event.wait(timeout) or not codes:
             raise NotConnected(f"no SUBACK from {self.url} within {timeout:.0f} s")
         refused = [f for (f, _), c in zip(filters, codes, strict=False) if c.is_failure]
@@ -327,11 +418,12 @@ class Connection:
             raise MQTTError(f"{self.url} refused subscriptions {refused}")
 
     def unsubscribe(self, filters: Sequence[str]) -> None:
-        """Unsubscribe without waiting for the UNSUBACK (safe on any thread)."""
-        client = self._live_client()
-        rc, _mid = client.unsubscribe(list(filters))
+        """Unsubscribe without waiting for the UNSUBACK (any thread)."""
+        with self._io:
+            rc, _mid = self._live_client().unsubscribe(list(filters))
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise NotConnected(f"unsubscribe failed: {mqtt.error_string(rc)}")
+        self._wake()
 
     def publish(
         self,
@@ -342,8 +434,8 @@ class Connection:
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
     ) -> mqtt.MQTTMessageInfo:
-        """Hand a message to the network loop; raise NotConnected instead of dropping it."""
-        client = self._live_client()
+        """Write a message (any thread). A plain connection raises NotConnected rather
+        than drop it; a persistent one keeps a QoS 1 message for its next connection."""
         props = None
         if self.version == "5" and (response_topic or correlation_data):
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -351,36 +443,38 @@ class Connection:
                 props.ResponseTopic = response_topic
             if correlation_data:
                 props.CorrelationData = correlation_data
-        info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        with self._io:
+            client = self._client
+            if client is None or (self._lost.is_set() and (self.persistence is None or qos == 0)):
+                raise NotConnected(f"not connected to {self.url}; nothing sent to {topic}")
+            info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+            partial = client.want_write()
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and self.persistence is not None:
+            return info  # kept by paho; sent when the session is reopened
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise NotConnected(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        if partial:
+            self._wake()  # the rest is written when the socket takes it
         return info
 
-    def publish_together(self, messages: Sequence[Outgoing]) -> None:
-        """Publish messages back to back from the network thread, so that a process killed
-        between them is as unlikely as it can be (an answer and its 'done' notice).
+    def publish_many(self, messages: Sequence[Outgoing]) -> None:
+        """Several messages written back to back (any thread): no other thread's write
+        comes between them."""
+        with self._io:
+            for out in messages:
+                self.publish(out.topic, out.payload, out.qos, correlation_data=out.correlation)
 
-        From another thread, paho writes a message at once only while the network thread
-        is outside its callbacks; otherwise it queues it. Two publishes in a row could then
-        be written milliseconds apart. Here both are written by the network thread in one
-        go, right after it wakes up."""
-        self._live_client()
-        self._outbox.append(list(messages))
-        if threading.current_thread() is self._thread:
-            return  # drained when the callback returns
-        wake = getattr(self._client, "_sockpairW", None)  # what paho's own publish does
-        if wake is not None:
-            with contextlib.suppress(OSError):
-                wake.send(b"0")
-
-    def _drain_outbox(self) -> None:
-        while self._outbox:
-            batch = self._outbox.popleft()
-            for out in batch:
-                try:
-                    self.publish(out.topic, out.payload, out.qos, correlation_data=out.correlation)
-                except NotConnected as e:
-                    log.warning("dropped a message to %s: %s", out.topic, e)
+    def ack(self, mid: int, qos: int = 1) -> None:
+        """Acknowledge a received QoS 1 message (manual_ack connections)."""
+        with self._io:
+            client = self._client
+            if client is not None and not self._lost.is_set():
+                client.ack(mid, qos)
+                partial = client.want_write()
+            else:
+                partial = False
+        if partial:
+            self._wake()
 
     def publish_wait(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 10.0
@@ -403,22 +497,18 @@ class Connection:
             return
         self._closing = True
         if not self._lost.is_set():
-            client.disconnect()
+            with self._io:
+                client.disconnect()
+            self._wake()
         self._lost.wait(timeout)
         self.drop()
 
     def drop(self) -> None:
         """Stop the network thread without a DISCONNECT (as a crash would)."""
         self._lost.set()
+        self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2.0)
-        if self._client is not None:
-            try:
-                sock = self._client.socket()
-                if sock is not None:
-                    sock.close()
-            except OSError:
-                pass
         self._fail_pending()
 
 

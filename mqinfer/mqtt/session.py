@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from mqinfer.client import AuthRefused, BrokerURL, Connection, Message, MQTTError, Will
+from mqinfer.mqtt.connection import AuthRefused, Connection, Message, MQTTError, Will
+from mqinfer.mqtt.url import Brokers, BrokerURL
 
 log = logging.getLogger("mqinfer.session")
 
@@ -76,19 +77,22 @@ class Backoff:
 
 def run(
     agent: Agent,
-    url: BrokerURL,
+    urls: Brokers,
     stop: threading.Event,
     protocol: str = "auto",
     tick_seconds: float = 0.2,
     keepalive: int = 30,
 ) -> int:
-    """Run sessions until `stop` is set; return an exit status (0, or EXIT_AUTH)."""
+    """Run sessions until `stop` is set; return an exit status (0, or EXIT_AUTH). With
+    several URLs (members of a clustered broker) each new session tries the one that
+    worked last first, then the others."""
     counter = SessionCounter()
     backoff = Backoff()
+    brokers = [urls] if isinstance(urls, BrokerURL) else list(urls)
     while not stop.is_set():
         session = counter.next()
         conn = Connection(
-            url,
+            brokers,
             agent.client_id(session),
             agent.on_message,
             will=agent.will(session),
@@ -106,8 +110,9 @@ def run(
             stop.wait(delay)
             continue
         protocol = conn.version or protocol  # remember what the broker speaks
+        brokers = [conn.url, *(u for u in brokers if u != conn.url)]  # that one first next time
         log.info(
-            "%s: connected to %s (MQTT %s, session %d)", agent.name, url, conn.version, session
+            "%s: connected to %s (MQTT %s, session %d)", agent.name, conn.url, conn.version, session
         )
         try:
             agent.start(conn, session)

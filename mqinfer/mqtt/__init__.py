@@ -1,0 +1,32 @@
+"""The MQTT transport every mqinfer component stands on: broker URLs, one connection (paho,
+public API only), and the session loop. It knows topics only as strings; the wire contract
+is mqinfer.protocol's."""
+
+from mqinfer.mqtt.connection import (
+    AuthRefused,
+    ConnectError,
+    Connection,
+    Message,
+    MQTTError,
+    NotConnected,
+    Outgoing,
+    Persistence,
+    Will,
+)
+from mqinfer.mqtt.url import DEFAULT_BROKER, Brokers, BrokerURL, parse_brokers
+
+__all__ = [
+    "DEFAULT_BROKER",
+    "AuthRefused",
+    "BrokerURL",
+    "Brokers",
+    "ConnectError",
+    "Connection",
+    "MQTTError",
+    "Message",
+    "NotConnected",
+    "Outgoing",
+    "Persistence",
+    "Will",
+    "parse_brokers",
+]

@@ -1,12 +1,18 @@
-"""The coordinator agent: keeps the registry from retained and live messages.
+"""The coordinator agent: the registry, provisioning and the dispatcher, on the hub.
 
-On every (re)connection it subscribes before it announces itself, so the broker's retained
-messages rebuild the whole registry ([T-COORD-2]).
+It reads every node and service topic into the registry (retained messages rebuild it,
+[T-COORD-2]), turns specs into replicas (coordinator.provision), and, while it is the
+active coordinator, takes every request and gives it to one replica (coordinator.dispatch).
+A standby keeps only the registry warm (coordinator.hub runs the roles).
+
+Threads: the hub connection's network thread calls `on_message`; the main thread calls
+`tick`. Both hold the agent's lock while they decide and publish only after letting it go
+(a publish takes the connection's lock, which the network thread holds around on_message).
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -14,14 +20,23 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
+from mqinfer.coordinator.dispatch import (
+    Ack,
+    Dispatcher,
+    Incoming,
+    ReadyReplica,
+    Reply,
+    SendWork,
+    epoch_of,
+)
+from mqinfer.coordinator.dispatch import Action as Dispatch
 from mqinfer.coordinator.provision import Action, Provisioner, PublishStatus, SendCommand
 from mqinfer.coordinator.registry import Change, Registry
 from mqinfer.mqtt import Connection, Message, MQTTError, NotConnected, Will
 from mqinfer.protocol import codec, replies
 from mqinfer.protocol import messages as m
-from mqinfer.protocol.errors import Code, ProtocolError
-from mqinfer.protocol.payload import result_json
-from mqinfer.protocol.routing import request_key
+from mqinfer.protocol import work as w
+from mqinfer.protocol.errors import ProtocolError
 from mqinfer.protocol.topics import Kind, Ref, TopicError, Topics
 
 log = logging.getLogger("mqinfer.coordinator")
@@ -38,12 +53,24 @@ WATCHED_SERVICES = (Kind.SERVICE_SPEC, Kind.SERVICE_STATUS)
 # clients' subscriptions, such as artifact chunks: those are passed over.)
 REGISTERED = {*WATCHED, *WATCHED_SERVICES, Kind.COORDINATOR_STATE} - {Kind.NODE_REPLY}
 FORGET_AFTER = 3600.0  # seconds a node stays lost or offline before it is forgotten
+HEARTBEAT = 1.0  # seconds between the active coordinator's heartbeats
+RECENT = 16  # statuses per service the coordinator remembers having published
+ACKED = 65536  # request packet ids remembered as acknowledged (a redelivery is acked again)
 
 
 def subscriptions(topics: Topics) -> list[tuple[str, int]]:
+    """What the registry needs (a standby, `mqinfer status`)."""
     subs = [(topics.all_nodes(k), 1) for k in WATCHED]
     subs += [(topics.all_services(k), 1) for k in WATCHED_SERVICES]
-    return subs
+    return [*subs, (topics.coordinator_state(), 1)]
+
+
+def hub_subscriptions(topics: Topics) -> list[tuple[str, int]]:
+    """What the active coordinator takes, in one SUBSCRIBE per session: the registry's
+    topics, every request topic and every node's answers ([T-WORK-1])."""
+    subs = subscriptions(topics)
+    subs += [(f, 1) for f in topics.all_requests()]
+    return [*subs, (topics.all_nodes(Kind.NODE_ANSWER), 1)]
 
 
 def read(
@@ -52,17 +79,15 @@ def read(
     """Decode and apply one message; raise ProtocolError/TopicError when it is malformed."""
     ref = topics.parse(message.topic)
     if ref.kind not in REGISTERED:
-        return ref, None, []  # replies and requests are read by the caller; not the rest
+        return ref, None, []  # replies, requests and answers are read by the caller
     try:
         msg = codec.decode_for(ref, message.payload) if message.payload else None
-    except ProtocolError:
+    except ProtocolError as e:
         if ref.kind is Kind.SERVICE_SPEC and ref.service is not None:
-            registry.reject_spec(ref.service)  # nothing to act on until a good one comes
+            # Nothing to act on until a good one comes; the status will say why.
+            registry.reject_spec(ref.service, f"{e.code}: {e.message}")
         raise
     return ref, msg, registry.apply(ref, msg, now, message.retain)
-
-
-RECENT = 16  # statuses per service the coordinator remembers having published
 
 
 @dataclass
@@ -73,6 +98,36 @@ class _Published:
     recent: deque[bytes] = field(default_factory=lambda: deque(maxlen=RECENT))
 
 
+@dataclass
+class _Acks:
+    """Requests taken from the broker and not yet acknowledged, by packet id; and the ids
+    acknowledged lately, so a redelivery of one (its acknowledgement was lost) is
+    acknowledged again rather than served twice."""
+
+    pending: set[int] = field(default_factory=set)
+    done: dict[int, None] = field(default_factory=dict)  # insertion ordered, bounded
+
+    def take(self, message: Message) -> str:
+        """'new', 'pending' (a redelivery of one being served) or 'again' (of one done)."""
+        mid = message.mid if message.qos else 0
+        if not mid:
+            return "new"
+        if message.dup and mid in self.pending:
+            return "pending"
+        if mid in self.done:
+            del self.done[mid]
+            if message.dup:
+                return "again"
+        self.pending.add(mid)
+        return "new"
+
+    def acked(self, mid: int) -> None:
+        self.pending.discard(mid)
+        self.done[mid] = None
+        while len(self.done) > ACKED:
+            del self.done[next(iter(self.done))]
+
+
 class CoordinatorAgent:
     def __init__(
         self,
@@ -80,29 +135,34 @@ class CoordinatorAgent:
         registry: Registry,
         coordinator_id: str,
         forget_after: float = FORGET_AFTER,
+        max_request_bytes: int = 16 * 2**20,
     ) -> None:
         self.topics = topics
         self.forget_after = forget_after
+        self.max_request_bytes = max_request_bytes
         self.registry = registry
         self.id = coordinator_id
         self.name = f"coordinator {coordinator_id}"
+        self.active = False  # False: a standby, keeping the registry warm
         self._lock = threading.Lock()
         self._session = 0
         self._conn: Connection | None = None
         self._asked: set[tuple[str, int]] = set()  # (node, session) asked to re-announce
         self.changes: deque[Change] = deque(maxlen=1000)  # recent state changes, newest last
         self.provisioner = Provisioner()
-        self._unavailable: set[str] = set()  # services whose requests we answer 'unavailable'
+        self.dispatcher = Dispatcher(epoch_of(coordinator_id, 0), max_request_bytes)
+        self._acks = _Acks()
         self._seq = 0  # the newest status seq seen or given, so ours always counts higher
         self._published: dict[str, _Published] = {}  # service -> what we published
         self._restore: set[str] = set()  # services whose status someone else overwrote
+        self._beat = 0
+        self._next_beat = 0.0
+        self._specs: dict[str, m.ServiceSpec | None] = {}  # what the dispatcher was told
+        self._fresh = True
 
     @property
     def session(self) -> int:
         return self._session
-
-    def client_id(self, session: int) -> str:
-        return f"mqinfer-coordinator-{self.id}-{session:x}"
 
     def _state(self, state: m.NodeStateName, session: int) -> bytes:
         ts = None if state == "lost" else time.time()
@@ -111,47 +171,188 @@ class CoordinatorAgent:
     def will(self, session: int) -> Will:
         return Will(self.topics.coordinator_state(), self._state("lost", session))
 
-    def start(self, conn: Connection, session: int) -> None:
-        self._session, self._conn = session, conn
-        self._unavailable.clear()
-        with self._lock:  # the statuses to believe are this session's own ([T-STATUS-2])
+    # ---- roles (coordinator.hub) ----------------------------------------------------------
+
+    def prepare(self, conn: Connection, session: int, fresh: bool, warm: bool) -> None:
+        """Before the hub connection opens (what it holds may come at once): `fresh` when
+        this coordinator is becoming the active one (a new dispatcher, whose leases are its
+        own), else a reconnect of the same active period (the dispatcher and its leases go
+        on). `warm`: the registry was kept while standing by, so provisioning needs no time
+        to read the retained state."""
+        with self._lock:
+            self._session, self._conn = session, conn
+            self.active = True
+            self._fresh = fresh
+            if fresh:
+                self.provisioner = Provisioner(grace=0.2 if warm else 1.0)
+                self.dispatcher = Dispatcher(epoch_of(self.id, session), self.max_request_bytes)
+                self._specs.clear()
+                self._acks = _Acks()
+                self._published.clear()
+                self._seed()
+            # The statuses to believe are this session's own ([T-STATUS-2]).
             own = m.CoordinatorState(id=self.id, state="online", session=session)
             self.registry.apply(self.topics.parse(self.topics.coordinator_state()), own, 0, False)
-        conn.subscribe(subscriptions(self.topics))
+
+    def connected(self, session_present: bool) -> None:
+        """The broker took the hub connection (network thread, before any message of it)."""
+        with self._lock:
+            if not session_present and not self._fresh:
+                # The broker lost our session: what we had taken from it is gone there, so
+                # there is nothing to acknowledge; the requests we hold are still answered.
+                self._acks = _Acks()
+                self.dispatcher.forget_acks()
+
+    def begin(self, conn: Connection) -> None:
+        """The hub connection is up: subscribe (once per session), announce."""
+        session = self._session
+        if not conn.session_present:  # one SUBSCRIBE per session, with wildcards
+            conn.subscribe(hub_subscriptions(self.topics), timeout=60)
         conn.publish_wait(
             self.topics.coordinator_state(), self._state("online", session), retain=True
         )
+        self._next_beat = 0.0
+        log.info("%s: active (session %d)", self.name, session)
+
+    def _seed(self) -> None:
+        """A new provisioner learns what the registry read while standing by: the specs,
+        and the newest status a previous coordinator published, to adopt its placement."""
+        for name, why in self.registry.rejected.items():
+            self.provisioner.reject(name, why)
+        for name, rec in self.registry.services.items():
+            if rec.spec is not None:
+                self.provisioner.on_spec(name, rec.spec)
+            kept = rec.statuses.by_session
+            if kept:
+                newest = kept[max(kept)]
+                self._seq = max(self._seq, newest.seq or 0)
+                self.provisioner.on_status(name, newest)
+
+    def end(self) -> None:
+        """No longer the active coordinator (another took over): back to standing by."""
+        with self._lock:
+            self.active = False
+            self._conn = None
 
     def shutdown(self, conn: Connection) -> None:
         conn.publish_wait(
             self.topics.coordinator_state(), self._state("offline", self._session), retain=True
         )
 
+    # ---- incoming (the network thread) --------------------------------------------------
+
     def on_message(self, message: Message) -> None:
         now = time.monotonic()
+        conn = self._conn
+        out: list[Dispatch] = []
+        try:
+            ref = self.topics.parse(message.topic)
+        except TopicError as e:
+            log.warning("ignored message on %s: %s", message.topic, e)
+            self._ack(conn, message)
+            return
+        if ref.kind is Kind.SERVICE_REQUEST:
+            self._request(conn, ref, message, now)
+            return
+        if ref.kind is Kind.NODE_ANSWER:
+            out = self._answer(ref, message, now)
+            self._carry_out(conn, out)
+            self._ack(conn, message)
+            return
         try:
             with self._lock:
                 ref, msg, changes = read(self.topics, self.registry, message, now)
-                self._provisioning_input(ref, msg, message, now)
+                if self.active:
+                    self._provisioning_input(ref, msg, message, now)
         except (ProtocolError, TopicError) as e:
             # [T-COORD-3] malformed input is logged with the reason and ignored; a spec is
             # answered with a failed status naming what was wrong, where its sender looks.
             log.warning("ignored message on %s: %s", message.topic, e)
-            self._refused_spec(message, e)
+            self._refused_spec(ref, e)
+            self._ack(conn, message)
             return
         for change in changes:
             self.changes.append(change)
             log.info("node %s: %s -> %s (%s)", change.node, change.old, change.new, change.reason)
-        if not message.retain and ref.node is not None:
+        if self.active and not message.retain and ref.node is not None:
             self._ask_for_caps(ref.node)
+        self._ack(conn, message)
 
-    def _refused_spec(self, message: Message, error: Exception) -> None:
+    def _ack(self, conn: Connection | None, message: Message) -> None:
+        """Everything but requests is acknowledged as soon as it is read."""
+        if conn is not None and message.qos and conn.manual_ack:
+            conn.ack(message.mid)
+
+    def _request(self, conn: Connection | None, ref: Ref, message: Message, now: float) -> None:
+        """[T-WORK-1] a request: given to one replica, acknowledged to the broker only once
+        it is answered (until then the broker keeps it for a successor)."""
+        if not self.active or conn is None:
+            return  # a standby's connection does not subscribe to requests
+        with self._lock:
+            seen = self._acks.take(message)
+            if seen == "pending":
+                return  # the broker resent one we are serving: it is acknowledged when done
+            if seen == "again":
+                out: list[Dispatch] = [Ack(message.mid)]
+            else:
+                out = self.dispatcher.on_request(self._incoming(ref, message), now)
+        self._carry_out(conn, out)
+
+    def _incoming(self, ref: Ref, message: Message) -> Incoming:
+        assert ref.service is not None
+        corr = message.correlation_data
+        fixed = bool(ref.request_id) or replies.valid_id(corr)
+        key = (
+            ""
+            if fixed
+            else replies.request_key(message.topic, message.payload, corr, message.response_topic)
+        )
+        return Incoming(
+            service=ref.service,
+            payload=message.payload,
+            reply=replies.result_topic(self.topics, ref.service, ref, message.response_topic),
+            correlation=corr,
+            request_id=replies.request_id(ref, corr, None, key),
+            id_fixed=fixed,
+            mid=message.mid if message.qos else 0,
+        )
+
+    def _answer(self, ref: Ref, message: Message, now: float) -> list[Dispatch]:
+        if not self.active or ref.node is None:
+            return []
         try:
-            ref = self.topics.parse(message.topic)
-        except TopicError:
+            answer, body = w.decode_answer(message.payload)
+        except ProtocolError as e:
+            log.warning("ignored an answer from %s: %s", ref.node, e)
+            return []
+        with self._lock:
+            return self.dispatcher.on_answer(ref.node, answer, body, now)
+
+    def _carry_out(self, conn: Connection | None, actions: list[Dispatch]) -> None:
+        """Work to nodes, results to requesters, then the acknowledgements: a request is
+        acknowledged only after its result is handed to the broker."""
+        if conn is None:
             return
-        if ref.kind is not Kind.SERVICE_SPEC or ref.service is None:
-            return
+        for action in actions:
+            try:
+                if isinstance(action, SendWork):
+                    conn.publish(self.topics.node_work(action.node), action.payload, qos=1)
+                elif isinstance(action, Reply):
+                    conn.publish(
+                        action.topic, action.payload, qos=1, correlation_data=action.correlation
+                    )
+                elif isinstance(action, Ack) and action.mid:
+                    with self._lock:
+                        self._acks.acked(action.mid)
+                    conn.ack(action.mid)
+            except (MQTTError, ValueError) as e:
+                # A reply topic the broker will not take (an MQTT 5 response topic with
+                # wildcards, say): logged; the request is still acknowledged.
+                log.warning("could not publish: %s", e)
+
+    def _refused_spec(self, ref: Ref, error: Exception) -> None:
+        if ref.kind is not Kind.SERVICE_SPEC or ref.service is None or not self.active:
+            return  # a standby's registry keeps it for when it becomes active
         why = f"{error.code}: {error.message}" if isinstance(error, ProtocolError) else str(error)
         with self._lock:
             self.provisioner.reject(ref.service, why)
@@ -159,9 +360,6 @@ class CoordinatorAgent:
     def _provisioning_input(
         self, ref: Ref, msg: m.Wire | None, message: Message, now: float
     ) -> None:
-        if ref.kind is Kind.SERVICE_REQUEST:
-            self._answer_unavailable(ref, message)
-            return
         if ref.service is not None:
             rec = self.registry.services.get(ref.service)
             if ref.kind is Kind.SERVICE_SPEC:
@@ -176,31 +374,6 @@ class CoordinatorAgent:
             reply = codec.decode_for(ref, message.payload)
             if isinstance(reply, m.CommandReply):
                 self.provisioner.on_reply(reply, now)
-
-    def _answer_unavailable(self, ref: Ref, message: Message) -> None:
-        """[T-SERVE-4] while a service has no ready replica, the coordinator answers its
-        requests with an 'unavailable' error (as the broker delivered the status, like the
-        replicas decide)."""
-        assert ref.service is not None
-        rec = self.registry.services.get(ref.service)
-        status = rec.status if rec else None
-        conn = self._conn
-        if conn is None or rec is None or rec.spec is None or (status and status.head_ready()):
-            return
-        key = request_key(
-            message.topic, message.payload, message.correlation_data, message.response_topic
-        )
-        why = f"{status.state}: {status.reason}" if status and status.reason else "deploying"
-        payload = result_json(
-            request_id=replies.request_id(ref, message.correlation_data, None, key),
-            service=ref.service,
-            node=None,
-            ok=False,
-            error=(str(Code.UNAVAILABLE), f"service {ref.service} has no ready replica ({why})"),
-        )
-        topic = replies.result_topic(self.topics, ref.service, ref, message.response_topic)
-        with contextlib.suppress(NotConnected):
-            conn.publish(topic, payload, correlation_data=message.correlation_data)
 
     def _ask_for_caps(self, node: str) -> None:
         """A live node we have no caps for is asked to announce again (once per session)."""
@@ -218,50 +391,97 @@ class CoordinatorAgent:
         except NotConnected:
             self._asked.discard(key)
 
+    # ---- periodic (the main thread) ------------------------------------------------------
+
     def tick(self, conn: Connection) -> None:
         now = time.monotonic()
+        lost: list[m.NodeState] = []
         with self._lock:
-            late = self.registry.overdue(now)
-            for rec, reason in late:
+            for rec, reason in self.registry.overdue(now):
                 for change in self.registry.mark_lost(rec, reason, now):
                     self.changes.append(change)
                     log.warning("node %s: %s -> lost (%s)", change.node, change.old, reason)
                 assert rec.session is not None
-                lost = m.NodeState(
-                    node=rec.id,
-                    state="lost",
-                    session=rec.session,
-                    ts=time.time(),
-                    reason=reason,
-                    by="coordinator",
+                lost.append(
+                    m.NodeState(
+                        node=rec.id,
+                        state="lost",
+                        session=rec.session,
+                        ts=time.time(),
+                        reason=reason,
+                        by="coordinator",
+                    )
                 )
-                # Retained, so `mqinfer status` and a restarted coordinator see it too.
-                conn.publish(self.topics.node_state(rec.id), codec.encode(lost), retain=True)
-            self._forget(conn, now)
+            forgotten = self._forget(now)
             actions = self.provisioner.step(self.registry, now)
             actions += self._restorations(actions)
-            wanted = {
-                name
-                for name, rec in self.registry.services.items()
-                if rec.spec is not None and not (rec.status and rec.status.head_ready())
-            }
-        # Subscribed before a status without ready replicas goes out: a request the replicas
-        # stop taking from then on is one the coordinator sees ([T-SERVE-4]).
-        wanted |= {
-            a.name
-            for a in actions
-            if isinstance(a, PublishStatus)
-            and a.status is not None
-            and a.status.state != "removed"
-            and not a.status.head_ready()
-        }
-        self._follow_unavailable(conn, wanted)
-        # Statuses before commands: a replica that a command takes out of service (a new
-        # model to load) is out of every other replica's ready set before it stops reading.
+            dispatch = self._sync(now) if self.provisioner.acting else []
+            dispatch += self.dispatcher.tick(now)
+            beat = self._heartbeat(now)
+        for state in lost:  # retained, so `mqinfer status` and a successor see it too
+            conn.publish(self.topics.node_state(state.node), codec.encode(state), retain=True)
+        for node in forgotten:
+            for topic in (
+                self.topics.node_caps(node),
+                self.topics.node_heartbeat(node),
+                self.topics.node_state(node),
+            ):
+                conn.publish(topic, b"", retain=True)
+        # Statuses before commands: what a status says is true when a node acts on a command.
         for action in sorted(actions, key=lambda a: not isinstance(a, PublishStatus)):
-            self._carry_out(conn, action)
+            self._provision(conn, action)
+        self._carry_out(conn, dispatch)
+        if beat is not None:
+            conn.publish(self.topics.coordinator_heartbeat(), beat, qos=0)
 
-    def _carry_out(self, conn: Connection, action: Action) -> None:
+    def _sync(self, now: float) -> list[Dispatch]:
+        """Tell the dispatcher the specs and the ready replicas the provisioner keeps."""
+        out: list[Dispatch] = []
+        for name, svc_rec in list(self.registry.services.items()):
+            if self._specs.get(name) != svc_rec.spec:
+                self._specs[name] = svc_rec.spec
+                out += self.dispatcher.set_spec(name, svc_rec.spec, now)
+        for name in [n for n in self._specs if n not in self.registry.services]:
+            del self._specs[name]
+            out += self.dispatcher.set_spec(name, None, now)
+        for slot, svc in list(self.provisioner.services.items()):
+            if svc.spec is None:
+                continue
+            ready = []
+            for node, rep in svc.replicas.items():
+                rec = self.registry.nodes.get(node)
+                if rep.state != "ready" or rec is None or rec.state != "online" or not rec.session:
+                    continue
+                workers = svc.spec.workers
+                if rec.caps is not None and rec.caps.max_workers:
+                    workers = min(workers, rec.caps.max_workers)
+                beat = rec.heartbeat
+                stats = beat.stats.get(slot) if beat and beat.session == rec.session else None
+                reported = (stats.service_ms or stats.inference_ms) if stats else None
+                ready.append(ReadyReplica(node, rec.session, workers, reported))
+            out += self.dispatcher.set_ready(slot, ready, now)
+        for slot in [s for s in self.dispatcher.slots if s not in self.provisioner.services]:
+            out += self.dispatcher.set_ready(slot, [], now)
+        if not self.dispatcher.opened:  # what came while the retained state was read
+            out += self.dispatcher.open(now)
+        return out
+
+    def _heartbeat(self, now: float) -> bytes | None:
+        if now < self._next_beat:
+            return None
+        self._next_beat = now + HEARTBEAT
+        beat = m.CoordinatorHeartbeat(
+            id=self.id,
+            session=self._session,
+            seq=self._beat,
+            ts=time.time(),
+            interval=HEARTBEAT,
+            dispatch=self.dispatcher.figures(),
+        )
+        self._beat += 1
+        return codec.encode(beat)
+
+    def _provision(self, conn: Connection, action: Action) -> None:
         if isinstance(action, SendCommand):
             conn.publish(self.topics.node_cmd(action.node), codec.encode(action.command))
             log.info(
@@ -283,13 +503,8 @@ class CoordinatorAgent:
                 published.own = status
                 published.recent.append(payload)
             conn.publish(topic, payload, retain=True)
-            if action.status:
-                log.info(
-                    "service %s: %s %s",
-                    action.name,
-                    action.status.state,
-                    action.status.reason or "",
-                )
+            if status:
+                log.info("service %s: %s %s", action.name, status.state, status.reason or "")
 
     def _ours(self, service: str, payload: bytes) -> bool:
         """Whether a status read back is one this coordinator published; if it is not and
@@ -309,36 +524,26 @@ class CoordinatorAgent:
         for name in sorted(self._restore - going):
             published = self._published.get(name)
             own = published.own if published else None
-            log.warning(
-                "service %s: a status not published by this coordinator; restoring ours", name
-            )
+            log.warning("service %s: a status this coordinator did not publish; restoring", name)
             out.append(PublishStatus(name, own))
         self._restore.clear()
         return out
 
-    def _forget(self, conn: Connection, now: float) -> None:
+    def _forget(self, now: float) -> list[str]:
         """Nodes lost or offline for longer than forget_after are forgotten, and their
         retained topics cleared (a node id that was only ever spoofed included)."""
+        gone = []
         for rec in self.registry.forgettable(now, self.forget_after):
             log.info(
                 "node %s: %s for over %.0f s; forgetting it", rec.id, rec.state, self.forget_after
             )
             del self.registry.nodes[rec.id]
-            for topic in (
-                self.topics.node_caps(rec.id),
-                self.topics.node_heartbeat(rec.id),
-                self.topics.node_state(rec.id),
-            ):
-                conn.publish(topic, b"", retain=True)
+            gone.append(rec.id)
+        return gone
 
-    def _follow_unavailable(self, conn: Connection, wanted: set[str]) -> None:
-        """Subscribe to the requests of services with no ready replica, and only those."""
-        try:
-            for name in sorted(wanted - self._unavailable):
-                conn.subscribe([(f, 1) for f in self.topics.service_requests(name)])
-                self._unavailable.add(name)
-            for name in sorted(self._unavailable - wanted):
-                conn.unsubscribe(self.topics.service_requests(name))
-                self._unavailable.discard(name)
-        except MQTTError as e:
-            log.warning("could not follow requests: %s", e)
+
+def hub_client_id(topics: Topics) -> str:
+    """The one client id of the active coordinator's session on the broker: whoever
+    connects with it takes the session (and the requests waiting in it) over."""
+    tag = hashlib.blake2b(topics.prefix.encode(), digest_size=6).hexdigest()
+    return f"mqinfer-hub-{tag}"

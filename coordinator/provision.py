@@ -24,7 +24,6 @@ DEPLOY_TIMEOUT = 120.0  # seconds for a node to fetch, load and warm a model
 UNDEPLOY_TIMEOUT = 20.0
 DEPLOY_ATTEMPTS = 2
 RECONCILE_EVERY = 10.0  # seconds between undeploys of the same stray service on a node
-WEIGHT_CHANGE = 0.25  # a replica's routing weight is published again when it moves this much
 
 
 @dataclass
@@ -38,7 +37,6 @@ class Replica:
     attempts: int = 0
     ready_wall: float = 0.0  # wall clock when it became ready (compared with heartbeats)
     reason: str | None = None
-    weight: float | None = None  # routing weight published for it (requests per second)
 
 
 @dataclass
@@ -307,7 +305,6 @@ class Provisioner:
                 rep.attempts = 0
                 actions.append(self._deploy(svc, rep, registry, now))
 
-        _weigh(svc, registry)
         active = list(svc.replicas.values())
         if len(active) < spec.replicas:
             exclude = {n: "has a replica" for n in svc.replicas}
@@ -375,37 +372,6 @@ def _still_serving(rep: Replica, rec: NodeRecord, name: str) -> bool:
     return name in beat.services
 
 
-def capacity(rec: NodeRecord | None, slot: str) -> float | None:
-    """Requests per second a replica can run, from what its node measured: its worker
-    threads over the running mean of a worker's time per request (decoding and answering
-    included), or of the model run alone before any request (None before either)."""
-    beat = rec.heartbeat if rec else None
-    if rec is None or beat is None or beat.session != rec.session:
-        return None
-    stats = beat.stats.get(slot)
-    per_request = (stats.service_ms or stats.inference_ms) if stats else None
-    if stats is None or not per_request:
-        return None
-    return stats.workers * 1000.0 / per_request
-
-
-def _weigh(svc: Service, registry: Registry) -> None:
-    """[T-SERVE-5] routing weights for the ready replicas: their measured capacity, kept
-    until it moves by more than WEIGHT_CHANGE (so noise does not republish the status).
-    With one ready replica there is nothing to weigh."""
-    ready = [r for r in svc.replicas.values() if r.state == "ready"]
-    if len(ready) < 2 or (svc.spec is not None and svc.spec.routing == "even"):
-        for rep in svc.replicas.values():
-            rep.weight = None
-        return
-    for rep in ready:
-        cap = capacity(registry.nodes.get(rep.node), svc.name)
-        if cap is None:
-            continue
-        if rep.weight is None or abs(cap / rep.weight - 1) > WEIGHT_CHANGE:
-            rep.weight = float(f"{cap:.2g}")
-
-
 def _undeploy_args(slot: str) -> dict[str, Any]:
     name, stage = m.parse_slot(slot)
     return {"service": name} if stage is None else {"service": name, "stage": stage}
@@ -439,14 +405,12 @@ def _merge(statuses: list[m.ServiceStatus]) -> m.ServiceStatus:
 
 def _status(svc: Service, spec: m.ServiceSpec, refused: dict[str, str]) -> m.ServiceStatus:
     stage = svc.stage
-    weighed = all(r.weight is not None for r in svc.replicas.values() if r.state == "ready")
     replicas = [
         m.ReplicaStatus(
             node=r.node,
             state=r.state,
             reason=r.reason,
             stage=stage,
-            weight=r.weight if weighed and r.state == "ready" else None,
         )
         for r in sorted(svc.replicas.values(), key=lambda r: r.node)
     ]

@@ -60,6 +60,7 @@ class Registry:
     services: dict[str, ServiceRecord] = field(default_factory=dict)
     coordinator: m.CoordinatorState | None = None
     ignored: list[str] = field(default_factory=list)  # why messages were not applied (last 100)
+    rejected: dict[str, str] = field(default_factory=dict)  # service -> why its spec was refused
 
     def _node(self, node_id: str, now: float) -> NodeRecord:
         rec = self.nodes.get(node_id)
@@ -165,6 +166,7 @@ class Registry:
             rec.statuses.current = self.coordinator.session if self.coordinator else None
         if ref.kind is Kind.SERVICE_SPEC:
             rec.spec = msg if isinstance(msg, m.ServiceSpec) else None
+            self.rejected.pop(ref.service, None)
         elif ref.kind is Kind.SERVICE_STATUS:
             status = msg if isinstance(msg, m.ServiceStatus) else None
             if not rec.statuses.take(status):
@@ -175,8 +177,9 @@ class Registry:
             del self.services[ref.service]
         return []
 
-    def reject_spec(self, service: str) -> None:
+    def reject_spec(self, service: str, why: str) -> None:
         """A spec that could not be read: the service has no spec we can act on."""
+        self.rejected[service] = why
         rec = self.services.get(service)
         if rec is not None:
             rec.spec = None

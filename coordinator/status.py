@@ -41,8 +41,7 @@ def collect(
     conn = Connection(url, client_id, on_message, protocol=protocol)
     conn.open()
     try:
-        subs = [*subscriptions(topics), (topics.coordinator_state(), 1)]
-        conn.subscribe(subs)
+        conn.subscribe(subscriptions(topics))
         start = last[0] = time.monotonic()
         while time.monotonic() - last[0] < settle and time.monotonic() - start < limit:
             time.sleep(0.05)

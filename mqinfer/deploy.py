@@ -243,11 +243,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     p.add_argument("--max-segment-mb", type=float, help="with --segments: the largest segment file")
     p.add_argument(
-        "--routing",
-        choices=["measured", "even"],
-        help="share requests among replicas by their measured capacity (default) or evenly",
-    )
-    p.add_argument(
         "--accelerator",
         choices=["cpu", "edgetpu", "gpu", "openvino", "npu"],
         help="only nodes with this accelerator kind",
@@ -320,8 +315,6 @@ def _run_deploy(args: argparse.Namespace) -> int:
             update["segments"] = args.segments
         if args.max_segment_mb is not None:
             update["max_segment_mb"] = args.max_segment_mb
-        if args.routing is not None:
-            update["routing"] = args.routing
         if args.accelerator or labels:
             update["constraints"] = m.Constraints(
                 accelerator=args.accelerator or spec_file.constraints.accelerator,

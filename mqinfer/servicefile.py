@@ -9,10 +9,9 @@
     deadline_ms: 10000           # optional: every request is answered within this
     workers: 1                   # optional: interpreters (threads) per replica
     threads: 1                   # optional: runtime threads per interpreter
-    queue: 32                    # optional: queued requests per replica before 'busy'
+    queue: 128                   # optional: waiting requests per replica before 'busy'
     segments: 2                  # optional: split the model into a pipeline of 2-8 stages
     max_segment_mb: 4            # optional (with segments): largest segment file
-    routing: measured            # optional: share requests by measured capacity, or 'even'
 
 `model` may also name a pipeline manifest written by `mqinfer split`
 (``m.pipeline.json``): its segments are deployed as they are.
@@ -26,7 +25,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import orjson
 import yaml
@@ -51,14 +49,13 @@ class ServiceFile(BaseModel):
     deadline_ms: int = Field(10_000, gt=0, description="Answer every request within this")
     workers: int = Field(1, ge=1, le=64, description="Interpreters per replica")
     threads: int = Field(1, ge=1, le=64, description="Runtime threads per interpreter")
-    queue: int = Field(32, ge=1, le=100_000, description="Queued requests per replica")
+    queue: int = Field(
+        128, ge=1, le=100_000, description="Waiting requests per replica before 'busy'"
+    )
     segments: int = Field(
         0, ge=0, le=8, description="Split into this many pipeline stages (0 or 1: whole model)"
     )
     max_segment_mb: float | None = Field(None, gt=0, description="Largest segment file")
-    routing: Literal["measured", "even"] = Field(
-        "measured", description="Share requests by measured capacity, or evenly"
-    )
 
     @field_validator("name")
     @classmethod
@@ -203,7 +200,6 @@ def service_spec(
         workers=spec.workers,
         threads=spec.threads,
         queue=spec.queue,
-        routing=spec.routing,
         manifest=model.manifest,
         revision=revision,
     )

@@ -56,7 +56,7 @@ class Uploader:
             self._metas[meta.sha256] = meta
             self._seen.set()
 
-    def present(self, sha256: str, size: int, wait: float = 0.5) -> bool:
+    def present(self, sha256: str, size: int, wait: float = 1.5) -> bool:
         """Is a complete artifact with this hash and size already on the broker?"""
         self._seen.clear()
         self.conn.subscribe([(self.topics.artifact_meta(sha256), 1)])

@@ -1,4 +1,10 @@
-"""The node agent: presence (caps, state, Will, heartbeats) and its command topic."""
+"""The node agent: presence (caps, state, Will, heartbeats), its command topic, and the
+work the hub gives it.
+
+A node subscribes once per session, to its own topics only: commands, its state (to
+contradict a stale Will) and its work. It sees no other node's work and no request it was
+not given ([T-WORK-1]).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,20 @@ import threading
 import time
 from pathlib import Path
 
-from mqinfer.mqtt import Connection, Message, MQTTError, NotConnected, Outgoing, Will
+from mqinfer.mqtt import Connection, Message, Will
 from mqinfer.node import sysinfo
 from mqinfer.node.artifacts import ArtifactStore, default_cache_dir
 from mqinfer.node.capabilities import Probe, capabilities, reference_ms
 from mqinfer.node.commands import CommandHandler
 from mqinfer.node.fetch import META_WAIT, Fetcher
+from mqinfer.node.intake import Intake
 from mqinfer.node.provisioning import Provisioning
+from mqinfer.node.replica import DEFAULT_MAX_REQUEST_BYTES, Replica
 from mqinfer.node.runtimes import Backend
-from mqinfer.node.serving import DEFAULT_MAX_REQUEST_BYTES, Replica
 from mqinfer.protocol import codec
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import ProtocolError
-from mqinfer.protocol.statuses import Statuses
-from mqinfer.protocol.topics import Kind, Ref, Topics
+from mqinfer.protocol.topics import Kind, Topics
 
 log = logging.getLogger("mqinfer.node")
 
@@ -70,8 +76,7 @@ class NodeAgent:
         self.artificial_slowdown = artificial_slowdown
         self.speed_ms = reference_ms()
         self.replicas: dict[str, Replica] = {}  # by slot: 'name', or 'name:k' for a stage
-        self.statuses: dict[str, Statuses] = {}  # by service: the statuses read ([T-STATUS-2])
-        self.coordinator_session: int | None = None
+        self.intake = Intake(node_id, topics, self.replicas, self._current)
         self.commands = CommandHandler(self)
         self.provisioning = Provisioning(self, self.commands.finished)
 
@@ -83,6 +88,10 @@ class NodeAgent:
         """The live connection, if any (for work off the network thread)."""
         conn = self._conn
         return conn if conn is not None and conn.alive else None
+
+    def _current(self) -> tuple[Connection | None, int]:
+        with self._lock:
+            return self.connection(), self._session
 
     def model_bytes_limit(self) -> int:
         """The largest model this node takes in now: half its available memory, or less
@@ -96,14 +105,6 @@ class NodeAgent:
         replica = self.replicas.pop(slot, None)
         if replica is None:
             return False
-        # Another stage of the same pipeline on this node may share a filter (the status).
-        still = {f for r in list(self.replicas.values()) for f in r.filters()}
-        gone = [f for f in replica.filters() if f not in still]
-        if gone and conn is not None:
-            try:
-                conn.unsubscribe(gone)
-            except MQTTError as e:
-                log.debug("unsubscribe %s: %s", slot, e)
         replica.stop()
         log.info("%s: stopped serving %s", self.name, slot)
         return True
@@ -130,16 +131,16 @@ class NodeAgent:
         with self._lock:
             self._conn, self._session, self._seq = conn, session, 0
             self._born = False  # until our 'online' is out, the retained state is old news
-        # [T-CMD-1] subscribe before birth, so no command sent after "online" is missed.
+        self.intake.new_session(session)
+        # [T-CMD-1] subscribe before birth, so no command sent after "online" is missed; one
+        # SUBSCRIBE per session, never one per deploy (each can stall a clustered broker).
         conn.subscribe(
             [
                 (self.topics.node_cmd(self.node_id), 1),
                 (self.topics.node_state(self.node_id), 1),
-                (self.topics.coordinator_state(), 1),  # whose statuses to believe
+                (self.topics.node_work(self.node_id), 1),
             ]
         )
-        for replica in list(self.replicas.values()):  # a reconnect keeps serving
-            conn.subscribe([(f, 1) for f in replica.filters()])
         self.announce(conn)
         self.publish_state(conn, "online")
         self._born = True
@@ -197,17 +198,6 @@ class NodeAgent:
         msg = m.NodeState(node=self.node_id, state=state, session=self._session, ts=time.time())
         self._retain(conn, self.topics.node_state(self.node_id), msg, wait)
 
-    def send(self, messages: list[Outgoing]) -> None:
-        """Publish from any thread without waiting; an answer is lost (and logged) only when
-        the connection is down."""
-        conn = self._conn
-        try:
-            if conn is None:
-                raise NotConnected("no connection yet")
-            conn.publish_many(messages)
-        except MQTTError as e:
-            log.warning("%s: could not publish to %s: %s", self.name, messages[0].topic, e)
-
     @staticmethod
     def _retain(conn: Connection, topic: str, msg: m.Wire, wait: bool) -> None:
         if wait:
@@ -227,79 +217,17 @@ class NodeAgent:
         if conn is None:
             return
         kind = ref.kind
-        if kind is Kind.SERVICE_REQUEST:
-            replica = self._head(ref.service or "")
-            if replica is not None:
-                replica.on_request(ref, message)
-        elif kind is Kind.SERVICE_STAGE:
-            replica = self.replicas.get(f"{ref.service}:{ref.stage}")
-            if replica is not None:
-                replica.on_stage(ref, message)
-        elif kind is Kind.SERVICE_RESULT:
-            replica = self._head(ref.service or "")
-            if replica is not None:
-                replica.on_result(ref, message)
-        elif kind is Kind.SERVICE_DONE or kind is Kind.SERVICE_STATUS:
-            self._service_message(ref, message)
+        if kind is Kind.NODE_WORK and ref.node == self.node_id:
+            self.intake.on_work(message, self._session)
         elif kind is Kind.ARTIFACT_META or kind is Kind.ARTIFACT_CHUNK:
             self.fetcher.on_message(ref, message.payload)
-        elif kind is Kind.NODE_CMD:
+        elif kind is Kind.NODE_CMD and ref.node == self.node_id:
             self.commands.handle(conn, message)
-        elif kind is Kind.NODE_STATE:
+        elif kind is Kind.NODE_STATE and ref.node == self.node_id:
             self._check_own_state(conn, message)
-        elif kind is Kind.COORDINATOR_STATE:
-            self._coordinator_state(message)
-
-    def _head(self, service: str) -> Replica | None:
-        """The replica that takes the service's requests: the whole model or stage 0."""
-        return self.replicas.get(service) or self.replicas.get(m.slot(service, 0))
 
     def replicas_of(self, service: str) -> list[Replica]:
         return [r for r in list(self.replicas.values()) if r.name == service]
-
-    def _coordinator_state(self, message: Message) -> None:
-        try:
-            state = (
-                codec.decode_as(m.CoordinatorState, message.payload) if message.payload else None
-            )
-        except ProtocolError as e:
-            log.warning("%s: ignoring coordinator state: %s", self.name, e)
-            return
-        self.coordinator_session = state.session if state else None
-        for name, kept in list(self.statuses.items()):
-            before = kept.status
-            kept.current = self.coordinator_session
-            if kept.status is not None and kept.status != before:
-                for replica in self.replicas_of(name):
-                    replica.on_status(kept.status)
-
-    def _service_message(self, ref: Ref, message: Message) -> None:
-        replicas = self.replicas_of(ref.service or "")
-        if not replicas:
-            return
-        if not message.payload:  # the status was cleared: the service is gone
-            self.statuses.pop(ref.service or "", None)
-            for replica in replicas:
-                replica.on_status(m.ServiceStatus(name=replica.name, state="removed"))
-            return
-        try:
-            msg = codec.decode_for(ref, message.payload)
-        except ProtocolError as e:
-            log.warning("%s: ignoring message on %s: %s", self.name, message.topic, e)
-            return
-        if isinstance(msg, m.ServiceStatus):
-            # [T-STATUS-2] only the current coordinator's statuses route requests.
-            kept = self.statuses.setdefault(msg.name, Statuses(current=self.coordinator_session))
-            if not kept.take(msg) or kept.status is not msg:
-                log.debug(
-                    "%s: status of %s not taken (session %s)", self.name, msg.name, msg.session
-                )
-                return
-        for replica in replicas:
-            if isinstance(msg, m.ServiceStatus):
-                replica.on_status(msg)
-            elif isinstance(msg, m.Done) and replica.head:
-                replica.on_done(msg)
 
     def _check_own_state(self, conn: Connection, message: Message) -> None:
         """Re-assert 'online' when a stale Will (or a wrong 'lost') overwrote our state."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from mqinfer.mqtt import MQTTError, NotConnected
-from mqinfer.node.serving import Replica
+from mqinfer.node.replica import Replica
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import Code, ProtocolError
 from mqinfer.protocol.topics import TopicError, check_id
@@ -155,29 +155,27 @@ class Provisioning:
         if (newer := self._superseded(gens)) is not None:
             raise ProtocolError(Code.SUPERSEDED, f"a newer command for {newer} replaced it")
         path = fetched.result()  # raises the fetch's ProtocolError
-        conn = agent.connection()
-        if conn is None:
-            raise NotConnected("no connection to subscribe the replica")
         if slot in agent.replicas:
-            agent.remove(conn, slot)
+            agent.remove(agent.connection(), slot)
         replica = Replica(
             node_id=agent.node_id,
             spec=spec,
             path=path,
             backend=agent.backends[spec.format],
-            topics=agent.topics,
-            send=agent.send,
+            answer=agent.intake.answer,
             max_request_bytes=agent.max_request_bytes,
             stage=stage,
             max_workers=agent.max_workers,
             artificial_slowdown=agent.artificial_slowdown,
         )
         detail = replica.load()
-        agent.replicas[slot] = replica
-        # Subscribed before the reply: once the coordinator lists us as ready, we see every
-        # request the other replicas see ([T-SERVE-1]).
-        conn.subscribe([(f, 1) for f in replica.filters()])
+        # [T-DEPLOY-1] ready (loaded and warmed up) before the reply: the hub gives it work
+        # from then on.
         replica.start()
+        agent.replicas[slot] = replica
+        conn = agent.connection()
+        if conn is None:
+            raise NotConnected("the connection was lost while the model loaded")
         agent.announce(conn)  # the cache changed
         log.info("%s: serving %s (%s)", agent.name, slot, spec.for_stage(stage).model)
         self._done(cmd, {"service": spec.name, "stage": stage, "state": "ready", **detail})

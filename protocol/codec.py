@@ -23,9 +23,9 @@ MODEL_BY_KIND: dict[Kind, type[m.Wire]] = {
     Kind.NODE_REPLY: m.CommandReply,
     Kind.SERVICE_SPEC: m.ServiceSpec,
     Kind.SERVICE_STATUS: m.ServiceStatus,
-    Kind.SERVICE_DONE: m.Done,
     Kind.ARTIFACT_META: m.ArtifactMeta,
     Kind.COORDINATOR_STATE: m.CoordinatorState,
+    Kind.COORDINATOR_HEARTBEAT: m.CoordinatorHeartbeat,
 }
 
 T = TypeVar("T", bound=m.Wire)

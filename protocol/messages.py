@@ -169,6 +169,20 @@ class CoordinatorState(Wire):
     ts: float | None = None
 
 
+class CoordinatorHeartbeat(Wire):
+    """On coordinator/heartbeat (QoS 0, not retained) every `interval` seconds while a
+    coordinator is active: standbys take over when it stops, nodes learn they lost the hub."""
+
+    id: str
+    session: int
+    seq: int = Field(ge=0)
+    ts: float
+    interval: float = Field(gt=0)
+    dispatch: dict[str, Any] = Field(
+        default_factory=dict, description="What the dispatcher is doing (figures)"
+    )
+
+
 # ---- commands -------------------------------------------------------------------
 
 
@@ -226,13 +240,14 @@ class ServiceSpec(Wire):
     deadline_ms: int = Field(10_000, gt=0, description="Each request is answered within this")
     workers: int = Field(1, ge=1, le=64, description="Worker threads (interpreters) per replica")
     threads: int = Field(1, ge=1, le=64, description="Runtime threads per worker")
-    queue: int = Field(32, ge=1, le=100_000, description="Queued requests per replica")
+    queue: int = Field(
+        128,
+        ge=1,
+        le=100_000,
+        description="Requests that wait at the hub per ready replica before one is answered busy",
+    )
     manifest: Manifest | None = Field(None, description="Inputs, preprocessing and labels")
     revision: str = Field("", description="Set by each deploy; echoed in the status")
-    routing: Literal["measured", "even"] = Field(
-        "measured",
-        description="How requests are shared among replicas: by measured capacity, or evenly",
-    )
     pipeline: Pipeline | None = Field(
         None,
         description="A split model: each segment is a stage placed on its own node, chained "
@@ -253,7 +268,7 @@ class ServiceSpec(Wire):
 
 
 # A replica takes a new spec in place (and keeps serving) unless one of these changed.
-RELOAD_FIELDS = ("artifact", "format", "workers", "threads", "queue", "pipeline")
+RELOAD_FIELDS = ("artifact", "format", "workers", "threads", "pipeline")
 
 
 def needs_reload(old: ServiceSpec, new: ServiceSpec) -> bool:
@@ -270,15 +285,12 @@ class ReplicaStatus(BaseModel):
     state: ReplicaState
     reason: str | None = None
     stage: int | None = Field(None, description="Pipeline stage it runs; None: the whole model")
-    weight: float | None = Field(
-        None, description="Its share of the requests, relative to the others' (routing)"
-    )
 
 
 class ServiceStatus(Wire):
     """Retained on services/{service}/status: what the coordinator made of the spec.
 
-    The replicas in state 'ready' are the ones that serve requests ([T-SERVE-1]).
+    The replicas in state 'ready' are the ones the dispatcher gives work to.
     """
 
     name: Slot  # the service (a provisioner's per-stage status names the slot)
@@ -300,28 +312,12 @@ class ServiceStatus(Wire):
     def ready_nodes(self, stage: int | None = None) -> list[str]:
         return sorted(r.node for r in self.replicas if r.state == "ready" and r.stage == stage)
 
-    def weights(self, stage: int | None = None) -> dict[str, float]:
-        """Routing weights of the ready replicas of `stage` (empty: route evenly)."""
-        return {
-            r.node: r.weight
-            for r in self.replicas
-            if r.state == "ready" and r.stage == stage and r.weight is not None
-        }
-
     def head_ready(self) -> list[str]:
         """Ready replicas of what takes the requests: the whole model, or stage 0."""
         return self.ready_nodes(0 if self.stages else None)
 
     def listed_nodes(self, stage: int | None = None) -> list[str]:
         return sorted({r.node for r in self.replicas if r.stage == stage})
-
-
-class Done(Wire):
-    """Sent on services/{service}/done by the replica that answered requests."""
-
-    node: str
-    keys: list[str] = Field(description="Request keys answered (see topics.md)")
-    stage: int | None = Field(None, description="Pipeline stage of the sender, if any")
 
 
 # ---- artifacts ------------------------------------------------------------------

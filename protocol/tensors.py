@@ -1,23 +1,16 @@
-"""The binary encoding of intermediate tensors on pipeline stage topics. No I/O.
+"""The binary encoding of the tensors a pipeline stage passes on. No I/O.
 
-A stage message carries the tensors that cross a cut plus what the next stage needs to
-answer the caller as a whole-model service would ([T-PIPE-2] in topics.md):
+A stage's output goes to the hub in an answer, and from there as work to one replica of the
+next stage (topics.md §8); the body of both is this encoding:
 
-    b"MQT1"                     4 bytes, magic and version
+    b"MQT2"                     4 bytes, magic and version
     header length               4 bytes, unsigned, little-endian
-    header                      UTF-8 JSON object (below)
+    header                      UTF-8 JSON object: {"tensors": [{name, dtype, shape,
+                                quantization}]}
     tensor bytes                each tensor's raw bytes, C order, little-endian, back to back
 
-The header is small JSON (a few hundred bytes); tensor data is never JSON or base64:
-
-    {"request_id": "r1", "key": "<request key at the head>", "reply": "<result topic>",
-     "correlation": "<hex of the MQTT 5 correlation data>" | null,
-     "deadline_ms": 9871.5,            # what is left of the request's deadline when sent
-     "trace": [{"stage": 0, "node": "a", "queue_ms": 0.1, "inference_ms": 4.2}],
-     "tensors": [{"name": "x", "dtype": "int8", "shape": [1, 14, 14, 64],
-                  "quantization": {"scale": 0.02, "zero_point": -3} | null}]}
-
-The tensors follow in header order; their sizes follow from dtype and shape.
+Tensor data is never JSON or base64; the tensors follow in header order, and their sizes
+follow from dtype and shape.
 """
 
 from __future__ import annotations
@@ -25,7 +18,6 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,7 +26,7 @@ import orjson
 from mqinfer.protocol.errors import Code, ProtocolError
 from mqinfer.protocol.manifest import TensorInfo
 
-MAGIC = b"MQT1"
+MAGIC = b"MQT2"
 _LEN = struct.Struct("<I")
 MAX_HEADER_BYTES = 64 * 1024
 DTYPES = frozenset(
@@ -42,25 +34,18 @@ DTYPES = frozenset(
 )
 
 
-@dataclass(frozen=True)
-class StageMessage:
-    request_id: str
-    key: str  # the request's key at the head stage: the done notice names it
-    reply: str  # topic the last stage answers on
-    correlation: bytes | None
-    deadline_ms: float  # left when the message was sent
-    tensors: list[tuple[TensorInfo, np.ndarray]]
-    trace: list[dict[str, Any]] = field(default_factory=list)
+Tensors = list[tuple[TensorInfo, np.ndarray]]
+MAX_TENSORS = 64
 
 
 def _bad(message: str) -> ProtocolError:
     return ProtocolError(Code.BAD_TENSOR, message)
 
 
-def encode(msg: StageMessage) -> bytes:
+def encode(tensors: Tensors) -> bytes:
     infos: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    for info, array in msg.tensors:
+    for info, array in tensors:
         a = np.ascontiguousarray(array)
         infos.append(
             {
@@ -71,33 +56,16 @@ def encode(msg: StageMessage) -> bytes:
             }
         )
         blobs.append(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
-    header = orjson.dumps(
-        {
-            "request_id": msg.request_id,
-            "key": msg.key,
-            "reply": msg.reply,
-            "correlation": msg.correlation.hex() if msg.correlation is not None else None,
-            "deadline_ms": round(msg.deadline_ms, 3),
-            "trace": msg.trace,
-            "tensors": infos,
-        }
-    )
+    header = orjson.dumps({"tensors": infos})
     return b"".join([MAGIC, _LEN.pack(len(header)), header, *blobs])
 
 
-def _str(header: dict[str, Any], name: str) -> str:
-    value = header.get(name)
-    if not isinstance(value, str) or not value:
-        raise _bad(f"header field {name!r} must be a non-empty string, got {value!r}")
-    return value
-
-
-def decode(payload: bytes) -> StageMessage:
-    """Read a stage message; raise ProtocolError(BAD_TENSOR) saying what is wrong."""
+def decode(payload: bytes) -> Tensors:
+    """Read a stage's tensors; raise ProtocolError(BAD_TENSOR) saying what is wrong."""
     if len(payload) < 8 or payload[:4] != MAGIC:
         raise _bad(
-            f"not a stage tensor message: expected the magic bytes {MAGIC!r}, got "
-            f"{payload[:4]!r} ({len(payload)} bytes)"
+            f"not stage tensors: expected the magic bytes {MAGIC!r}, got {payload[:4]!r} "
+            f"({len(payload)} bytes)"
         )
     (size,) = _LEN.unpack_from(payload, 4)
     if size > MAX_HEADER_BYTES or 8 + size > len(payload):
@@ -108,21 +76,10 @@ def decode(payload: bytes) -> StageMessage:
         raise _bad(f"header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise _bad("header must be a JSON object")
-    deadline = header.get("deadline_ms")
-    if not isinstance(deadline, int | float) or isinstance(deadline, bool):
-        raise _bad(f"header field 'deadline_ms' must be a number, got {deadline!r}")
-    correlation = header.get("correlation")
-    try:
-        corr = bytes.fromhex(correlation) if correlation is not None else None
-    except (TypeError, ValueError):
-        raise _bad(f"header field 'correlation' must be hex, got {correlation!r}") from None
-    trace = header.get("trace", [])
-    if not isinstance(trace, list):
-        raise _bad("header field 'trace' must be a list")
     specs = header.get("tensors")
-    if not isinstance(specs, list) or not specs:
-        raise _bad("header field 'tensors' must be a non-empty list")
-    tensors: list[tuple[TensorInfo, np.ndarray]] = []
+    if not isinstance(specs, list) or not specs or len(specs) > MAX_TENSORS:
+        raise _bad(f"header field 'tensors' must be a list of 1-{MAX_TENSORS} tensors")
+    tensors: Tensors = []
     offset = 8 + size
     for i, spec in enumerate(specs):
         info = _tensor_info(i, spec)
@@ -139,15 +96,7 @@ def decode(payload: bytes) -> StageMessage:
         offset = end
     if offset != len(payload):
         raise _bad(f"{len(payload) - offset} bytes follow the last tensor; expected none")
-    return StageMessage(
-        request_id=_str(header, "request_id"),
-        key=_str(header, "key"),
-        reply=_str(header, "reply"),
-        correlation=corr,
-        deadline_ms=float(deadline),
-        tensors=tensors,
-        trace=[t for t in trace if isinstance(t, dict)],
-    )
+    return tensors
 
 
 def _tensor_info(i: int, spec: Any) -> TensorInfo:

@@ -16,7 +16,6 @@ DEFAULT_PREFIX = "mqinfer"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = re.compile(r"0|[1-9][0-9]{0,5}")
-_STAGE = re.compile(r"[1-9][0-9]?")
 
 
 class TopicError(ValueError):
@@ -29,15 +28,16 @@ class Kind(StrEnum):
     NODE_HEARTBEAT = "node_heartbeat"
     NODE_CMD = "node_cmd"
     NODE_REPLY = "node_reply"
+    NODE_WORK = "node_work"
+    NODE_ANSWER = "node_answer"
     SERVICE_SPEC = "service_spec"
     SERVICE_STATUS = "service_status"
     SERVICE_REQUEST = "service_request"
     SERVICE_RESULT = "service_result"
-    SERVICE_DONE = "service_done"
-    SERVICE_STAGE = "service_stage"
     ARTIFACT_META = "artifact_meta"
     ARTIFACT_CHUNK = "artifact_chunk"
     COORDINATOR_STATE = "coordinator_state"
+    COORDINATOR_HEARTBEAT = "coordinator_heartbeat"
 
 
 @dataclass(frozen=True)
@@ -55,17 +55,18 @@ TABLE: tuple[TopicSpec, ...] = (
     TopicSpec(Kind.NODE_HEARTBEAT, "nodes/{node}/heartbeat", 0, True),
     TopicSpec(Kind.NODE_CMD, "nodes/{node}/cmd", 1, False),
     TopicSpec(Kind.NODE_REPLY, "nodes/{node}/reply", 1, False),
+    TopicSpec(Kind.NODE_WORK, "nodes/{node}/work", 1, False),
+    TopicSpec(Kind.NODE_ANSWER, "nodes/{node}/answer", 1, False),
     TopicSpec(Kind.SERVICE_SPEC, "services/{service}/spec", 1, True),
     TopicSpec(Kind.SERVICE_STATUS, "services/{service}/status", 1, True),
     TopicSpec(Kind.SERVICE_REQUEST, "services/{service}/request", 1, False),
     TopicSpec(Kind.SERVICE_REQUEST, "services/{service}/request/{request_id}", 1, False),
     TopicSpec(Kind.SERVICE_RESULT, "services/{service}/result", 1, False),
     TopicSpec(Kind.SERVICE_RESULT, "services/{service}/result/{request_id}", 1, False),
-    TopicSpec(Kind.SERVICE_DONE, "services/{service}/done", 1, False),
-    TopicSpec(Kind.SERVICE_STAGE, "services/{service}/stage/{stage}", 1, False),
     TopicSpec(Kind.ARTIFACT_META, "artifacts/{artifact}/meta", 1, True),
     TopicSpec(Kind.ARTIFACT_CHUNK, "artifacts/{artifact}/chunk/{chunk}", 1, True),
     TopicSpec(Kind.COORDINATOR_STATE, "coordinator/state", 1, True),
+    TopicSpec(Kind.COORDINATOR_HEARTBEAT, "coordinator/heartbeat", 0, False),
 )
 
 SPEC_BY_KIND: dict[Kind, TopicSpec] = {}
@@ -111,7 +112,6 @@ _FIELD_NAMES = {
     "request_id": "request id",
     "artifact": "artifact sha256",
     "chunk": "chunk index",
-    "stage": "stage",
 }
 
 
@@ -128,9 +128,6 @@ def _check_field(name: str, value: str) -> None:
     elif name == "chunk":
         if not _CHUNK.fullmatch(value):
             raise TopicError(f"invalid chunk index {value!r}: expected 0-999999")
-    elif name == "stage":
-        if not _STAGE.fullmatch(value):
-            raise TopicError(f"invalid stage {value!r}: expected 1-99 (stage 0 takes requests)")
     else:
         check_id(value, _FIELD_NAMES[name])
 
@@ -145,7 +142,6 @@ class Ref:
     request_id: str | None = None
     artifact: str | None = None
     chunk: str | None = None
-    stage: str | None = None
 
 
 class Topics:
@@ -174,6 +170,12 @@ class Topics:
     def node_reply(self, node: str) -> str:
         return self._join("nodes", check_id(node, "node id"), "reply")
 
+    def node_work(self, node: str) -> str:
+        return self._join("nodes", check_id(node, "node id"), "work")
+
+    def node_answer(self, node: str) -> str:
+        return self._join("nodes", check_id(node, "node id"), "answer")
+
     # services
     def service_spec(self, service: str) -> str:
         return self._join("services", check_id(service, "service name"), "spec")
@@ -193,15 +195,6 @@ class Topics:
             levels.append(check_id(request_id, "request id"))
         return self._join(*levels)
 
-    def service_done(self, service: str) -> str:
-        return self._join("services", check_id(service, "service name"), "done")
-
-    def service_stage(self, service: str, stage: int) -> str:
-        """Input of pipeline stage `stage` (1..): the tensors stage-1 produced."""
-        if not 1 <= stage <= 99:
-            raise TopicError(f"invalid stage {stage}: expected 1-99 (stage 0 takes requests)")
-        return self._join("services", check_id(service, "service name"), "stage", str(stage))
-
     # artifacts
     def artifact_meta(self, sha256: str) -> str:
         return self._join("artifacts", check_sha256(sha256), "meta")
@@ -220,6 +213,14 @@ class Topics:
 
     def coordinator_state(self) -> str:
         return self._join("coordinator", "state")
+
+    def coordinator_heartbeat(self) -> str:
+        return self._join("coordinator", "heartbeat")
+
+    def all_requests(self) -> list[str]:
+        """Filters for every service's request topics (the dispatcher's)."""
+        base = self._join("services", "+", "request")
+        return [base, base + "/+"]
 
     # subscriptions
     def all_nodes(self, kind: Kind) -> str:

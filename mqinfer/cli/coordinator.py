@@ -8,7 +8,7 @@ import sys
 import orjson
 
 from mqinfer import options
-from mqinfer.coordinator import status
+from mqinfer.coordinator import hub, status
 from mqinfer.coordinator.agent import FORGET_AFTER, CoordinatorAgent
 from mqinfer.coordinator.registry import Registry
 from mqinfer.mqtt import AuthRefused, MQTTError, session
@@ -17,10 +17,12 @@ from mqinfer.mqtt import AuthRefused, MQTTError, session
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "coordinator",
-        help="run the coordinator: keep the registry of nodes and services",
+        help="run the coordinator: the registry, provisioning, and the dispatcher on the hub",
         description="Run the coordinator. It rebuilds its registry from the broker's retained "
-        "messages, follows node states and heartbeats, and marks a node lost on its Will or "
-        "when its heartbeats stop for longer than --missed-beats of its announced intervals.",
+        "messages, follows node states and heartbeats (a node is lost on its Will or when its "
+        "heartbeats stop for longer than --missed-beats of its intervals), places replicas, "
+        "and gives each request to exactly one replica. Run a second one, on this machine or "
+        "another, and it stands by: it takes over within a second when the active one dies.",
     )
     options.add_id(p, "coordinator", "COORDINATOR_ID")
     p.add_argument(
@@ -28,6 +30,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         type=float,
         default=options.env("MISSED_BEATS", "3"),
         help="a node is lost after this many heartbeat intervals of silence (default 3)",
+    )
+    p.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=float(options.env("MAX_REQUEST_MB", "16")),
+        help="largest inference request the hub takes, in MB; bigger ones get a too_large "
+        "error (env MQINFER_MAX_REQUEST_MB; default %(default)s)",
     )
     p.add_argument(
         "--forget-after",
@@ -61,11 +70,17 @@ def run_coordinator(args: argparse.Namespace) -> int:
         args.parser.error("--missed-beats: expected a number >= 1")
     if args.forget_after <= 0:
         args.parser.error("--forget-after: expected a number of seconds > 0")
+    if args.max_request_mb <= 0:
+        args.parser.error("--max-request-mb: expected a number > 0")
     agent = CoordinatorAgent(
-        topics, Registry(missed_beats=args.missed_beats), args.id, forget_after=args.forget_after
+        topics,
+        Registry(missed_beats=args.missed_beats),
+        args.id,
+        forget_after=args.forget_after,
+        max_request_bytes=int(args.max_request_mb * 2**20),
     )
     stop = options.stop_on_signals()
-    return session.run(agent, url, stop, protocol=args.mqtt_version)
+    return hub.run(agent, url, stop, protocol=args.mqtt_version)
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -107,7 +107,10 @@ class Connection:
         keepalive: int = 30,
         persistence: Persistence | None = None,
         manual_ack: bool = False,
+        on_connect: Callable[[bool], None] | None = None,
     ) -> None:
+        """`on_connect(session_present)` runs on the network thread when the broker accepts
+        a connection, before any message that connection brings."""
         if protocol not in ("auto", *PROTOCOLS):
             raise ValueError(f"protocol must be auto, 5 or 3.1.1; got {protocol!r}")
         self.urls = [urls] if isinstance(urls, BrokerURL) else list(urls)
@@ -119,6 +122,7 @@ class Connection:
         self.persistence = persistence
         self.manual_ack = manual_ack
         self._on_message = on_message
+        self._on_connect = on_connect
         self._will = will
         self._protocol = protocol
         self.version: str | None = None  # negotiated: "5" or "3.1.1"
@@ -340,6 +344,11 @@ class Connection:
     ) -> None:
         self._connack_rc = rc
         self.session_present = bool(getattr(flags, "session_present", False))
+        if not rc.is_failure and self._on_connect is not None:
+            try:
+                self._on_connect(self.session_present)
+            except Exception:  # a handler bug must not kill the network loop
+                log.exception("error handling the connection to %s", self.url)
         self._connack.set()
 
     def _handle_disconnect(

@@ -27,9 +27,10 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mqinfer.broker.ports import free_port
+from mqinfer.coordinator import hub
 from mqinfer.coordinator.agent import CoordinatorAgent
 from mqinfer.coordinator.registry import Registry
-from mqinfer.mqtt import BrokerURL, session
+from mqinfer.mqtt import BrokerURL
 from mqinfer.protocol.topics import Topics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -328,7 +329,7 @@ def start_coordinator(
     status: list[int] = []
 
     def main() -> None:
-        status.append(session.run(agent, broker.broker_url, stop))
+        status.append(hub.run(agent, broker.broker_url, stop))
 
     thread = threading.Thread(target=main, name="coordinator", daemon=True)
     thread.start()

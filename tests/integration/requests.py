@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +94,23 @@ class Requester:
         self.service = service
         self.lock = threading.Lock()
         self.results: dict[str, list[dict[str, Any]]] = {}
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        # A session the broker keeps: results published while it reconnects (after a broker
+        # restart) wait for it, as they would for a requester that cares about them.
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"requester-{uuid.uuid4().hex[:12]}",
+            protocol=mqtt.MQTTv311,
+            clean_session=False,
+        )
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()
+        # Subscribed on every connect: paho reconnects by itself (after a broker restart).
+        self.client.on_connect = lambda c, *a: c.subscribe(
+            self.topics.service_result(service) + "/+", qos=1
+        )
         self.client.connect("127.0.0.1", broker.port)
         self.client.loop_start()
-        self.client.subscribe(self.topics.service_result(service) + "/+", qos=1)
         assert subscribed.wait(10), "requester: no SUBACK"
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:

@@ -18,9 +18,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from mqinfer.protocol import tensors
+from mqinfer.protocol import tensors, work
 from mqinfer.protocol.manifest import TensorInfo
-from mqinfer.protocol.topics import Topics
+from mqinfer.protocol.topics import Kind, Topics
 from mqinfer.split import pipeline_file
 from tests.integration.harness import (
     Broker,
@@ -148,9 +148,10 @@ def test_mobilenet_pipeline_equals_the_whole_model(
     segments: int,
 ) -> None:
     """[T-PIPE-2] MobileNetV2 (uint8, 3.9 MB) split beforehand into 2 and 3 stages: raw
-    frames in, outputs bitwise equal to the whole model, and every intermediate tensor on
-    the stage topics equal to the segments run directly, chained by hand. (With random
-    weights the final uint8 outputs vary little; the intermediate tensors do.)"""
+    frames in, outputs bitwise equal to the whole model, and every intermediate tensor the
+    hub gave a later stage as work equal to the segments run directly, chained by hand.
+    (With random weights the final uint8 outputs vary little; the intermediate tensors
+    do.)"""
     manifest = split_beside_a_copy(MOBILENET, tmp_path / "split", segments)
     pipeline = orjson.loads(manifest.read_bytes())
     start_nodes(broker, prefix, procs, coordinator, segments)
@@ -170,26 +171,35 @@ def test_mobilenet_pipeline_equals_the_whole_model(
     expected = np.concatenate(run_tflite(MOBILENET, frames))
     got = predictions(results, ids).astype(np.uint8)
     np.testing.assert_array_equal(got, expected)
-    t = Topics(prefix)
-    seen = {
-        (t.parse(topic).stage, msg.request_id): msg
-        for topic, payload, _ in list(observer.log)
-        if topic.startswith(t.service_stage("mnv2", 1)[:-1])
-        for msg in [tensors.decode(payload)]
-    }
+    seen = stage_work(observer, prefix, "mnv2")
     assert len(seen) == len(ids) * (segments - 1)
     files = [manifest.parent / s["manifest"]["file"] for s in pipeline["segments"]]
     for rid, f in zip(ids, frames, strict=True):
         x = f
         for k in range(1, segments):
             (x,) = run_tflite(files[k - 1], [x])
-            [(_, boundary)] = seen[(str(k), rid)].tensors  # raw bytes, one tensor per cut
+            [(_, boundary)] = seen[(k, rid)]  # raw bytes, one tensor per cut
             np.testing.assert_array_equal(boundary, x)
         (final,) = run_tflite(files[-1], [x])
         np.testing.assert_array_equal(final, expected[ids.index(rid)][None])
 
 
-# ---- the stage topics as a person sees them ----------------------------------------
+def stage_work(obs: Observer, prefix: str, service: str) -> dict[tuple[int, str], Any]:
+    """The tensors the hub gave each later stage, by (stage, request id), from the work
+    messages on the nodes' work topics."""
+    t = Topics(prefix)
+    seen = {}
+    for topic, payload, _ in list(obs.log):
+        if t.parse(topic).kind is not Kind.NODE_WORK:
+            continue
+        header, body = work.decode_work(payload)
+        if header.service == service and header.kind == "tensors":
+            assert header.stage is not None
+            seen[(header.stage, header.request_id)] = tensors.decode(body)
+    return seen
+
+
+# ---- the data between stages as a person sees it ------------------------------------
 
 
 def split_beside_a_copy(model: Path, out: Path, segments: int) -> Path:
@@ -212,14 +222,14 @@ def test_mosquitto_sub_sees_the_intermediate_tensors(
     observer: Observer,
     tmp_path: Path,
 ) -> None:
-    """[T-PIPE-2] segments split beforehand deploy as they are; `mosquitto_sub` on the stage
-    topic reads each request's boundary tensor, equal to segment 0 run directly, with the
-    route to the caller in the header."""
+    """[T-PIPE-2] segments split beforehand deploy as they are; `mosquitto_sub` on the
+    work topic of stage 1's node reads each request's boundary tensor, as raw bytes, equal
+    to segment 0 run directly, with the request id in the work's header."""
     sub_tool = need_client_tool("mosquitto_sub")
     manifest = split_beside_a_copy(DIGITS / "digits_int8.tflite", tmp_path / "split", 2)
     start_nodes(broker, prefix, procs, coordinator, 2)
     deploy(broker, prefix, "--model", str(manifest), "--name", "pre")
-    stages_ready(observer, prefix, "pre", 2)
+    placed = stages_ready(observer, prefix, "pre", 2)
     t = Topics(prefix)
     sub = subprocess.Popen(
         [
@@ -234,7 +244,7 @@ def test_mosquitto_sub_sees_the_intermediate_tensors(
             "mqttv311",
             "-R",
             "-t",
-            t.service_stage("pre", 1),
+            t.node_work(placed[1]),
             "-C",
             "5",
             "-F",
@@ -259,20 +269,21 @@ def test_mosquitto_sub_sees_the_intermediate_tensors(
     assert all(r["ok"] for r in results.values())
     check_status_shows_stages(broker, prefix, "pre", 2, served=5)
     seen = [line.split(" ", 1) for line in lines.splitlines()]
-    assert len(seen) == 5 and all(topic == t.service_stage("pre", 1) for topic, _ in seen)
+    assert len(seen) == 5 and all(topic == t.node_work(placed[1]) for topic, _ in seen)
     pipeline = orjson.loads(manifest.read_bytes())
     seg0 = manifest.parent / pipeline["segments"][0]["manifest"]["file"]
     boundary = pipeline["segments"][0]["manifest"]["outputs"]
     for i, (_, hexed) in enumerate(seen):
-        msg = tensors.decode(bytes.fromhex(hexed))
-        assert msg.request_id == ids[i]
-        assert msg.reply == t.service_result("pre", ids[i])
-        assert [(info.name, info.dtype, info.shape) for info, _ in msg.tensors] == [
+        header, body = work.decode_work(bytes.fromhex(hexed))
+        assert (header.request_id, header.stage, header.kind) == (ids[i], 1, "tensors")
+        assert [tr.stage for tr in header.trace] == [0]
+        passed = tensors.decode(body)
+        assert [(info.name, info.dtype, info.shape) for info, _ in passed] == [
             (b["name"], b["dtype"], b["shape"]) for b in boundary
         ]
         x = (images[i].astype(np.int16) - 128).astype(np.int8).reshape(1, 8, 8, 1)
         (expected,) = run_tflite(seg0, [x])
-        np.testing.assert_array_equal(msg.tensors[0][1], expected)
+        np.testing.assert_array_equal(passed[0][1], expected)
 
 
 def check_status_shows_stages(
@@ -306,16 +317,16 @@ def check_status_shows_stages(
 # ---- failures ---------------------------------------------------------------------------
 
 
-def test_malformed_stage_messages_are_refused_and_the_stage_keeps_serving(
+def test_forged_work_reaches_no_requester_and_the_stages_serve_on(
     broker: Broker,
     prefix: str,
     procs: Procs,
     coordinator: InProcessCoordinator,
     observer: Observer,
 ) -> None:
-    """[T-PIPE-5] garbage on a stage topic is answered on the service's result topic with
-    'bad_tensor'; a tensor of the wrong shape, on the route its header names; the pipeline
-    serves on."""
+    """[T-WORK-3] [T-PIPE-5] garbage on a stage node's work topic is refused by the node;
+    well-formed work the hub never gave (wrong tensors, under a job of no lease) is answered
+    to the hub, which drops it: nothing reaches any requester, and the pipeline serves on."""
     start_nodes(broker, prefix, procs, coordinator, 2)
     deploy(
         broker,
@@ -327,40 +338,45 @@ def test_malformed_stage_messages_are_refused_and_the_stage_keeps_serving(
         "--segments",
         "2",
     )
-    stages_ready(observer, prefix, "pm", 2)
+    placed = stages_ready(observer, prefix, "pm", 2)
     t = Topics(prefix)
     req = Requester(broker, prefix, "pm")
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     try:
-        client.publish(t.service_stage("pm", 1), b"not a tensor", qos=1).wait_for_publish(10)
-        wrong = tensors.StageMessage(
-            request_id="bad2",
-            key="f" * 32,
-            reply=t.service_result("pm", "bad2"),
-            correlation=None,
+        target = t.node_work(placed[1])
+        client.publish(target, b"not work", qos=1).wait_for_publish(10)
+        wrong = tensors.encode(
+            [(TensorInfo(name="x", dtype="float32", shape=[1, 3]), np.zeros((1, 3), np.float32))]
+        )
+        header = work.Work(
+            job="forged-1",
+            service="pm",
+            stage=1,
+            kind="tensors",
+            lease_ms=5000,
             deadline_ms=5000,
-            tensors=[
-                (
-                    TensorInfo(name="x", dtype="float32", shape=[1, 3]),
-                    np.zeros((1, 3), np.float32),
-                )
-            ],
+            request_id="bad2",
         )
-        client.publish(t.service_stage("pm", 1), tensors.encode(wrong), qos=1)
-        bad = req.wait("bad2")
-        assert bad["ok"] is False and bad["error"]["code"] == "bad_tensor", bad
-        assert "expected" in bad["error"]["message"]
-        garbage = wait_for(
-            lambda: [r for r in observer.seen(t.service_result("pm")) if not r["ok"]],
-            "an error on the result topic",
-        )
-        assert garbage[0]["error"]["code"] == "bad_tensor"
-        assert "magic" in garbage[0]["error"]["message"]
+        client.publish(target, work.encode_work(header, wrong), qos=1).wait_for_publish(10)
+
+        def answered() -> list[work.Answer]:
+            out = []
+            for topic, payload, _ in list(observer.log):
+                if topic == t.node_answer(placed[1]):
+                    answer, _ = work.decode_answer(payload)
+                    if answer.job == "forged-1":
+                        out.append(answer)
+            return out
+
+        [answer] = wait_for(answered, "the node's answer to the forged work")
+        assert (answer.kind, answer.ok, answer.code) == ("result", False, "bad_tensor")
         images, _ = digits_test_set()
         results = req.run({f"ok{i}": png(images[i]) for i in range(20)})
         assert all(r["ok"] for r in results.values())
+        assert "bad2" not in req.results
+        assert not [p for tp, p, _ in list(observer.log) if "/result" in tp and b"bad2" in p]
     finally:
         client.loop_stop()
         client.disconnect()
@@ -377,8 +393,8 @@ def test_a_stage_node_killed_mid_stream(
     tmp_path: Path,
 ) -> None:
     """[T-PIPE-1] [T-PIPE-4] kill -9 the node of stage 1 while requests flow: the stage is
-    placed again on the spare node, and every request gets exactly one answer: a result
-    or an explicit error."""
+    placed again on the spare node, the hub gives that stage's work to it, and every request
+    gets exactly one answer: a result or an explicit error."""
     nodes = start_nodes(broker, prefix, procs, coordinator, 3)
     spec = tmp_path / "pipe.yaml"
     spec.write_text(

@@ -12,7 +12,8 @@ import numpy as np
 import orjson
 import pytest
 
-from mqinfer.protocol.topics import Topics
+from mqinfer.protocol import work
+from mqinfer.protocol.topics import Kind, Topics
 from tests.integration.harness import (
     Broker,
     InProcessCoordinator,
@@ -76,9 +77,10 @@ def check_digits(broker: Broker, prefix: str, service: str, model: str, nodes: s
 def test_digits_on_two_nodes(
     broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
 ) -> None:
-    """[T-SERVE-1] [T-REQ-1] [T-DEPLOY-1] the spec file deploys 2 replicas, each node
-    answering its deploy once loaded and warmed up; the held-out set through the system is
-    as accurate as, and equal to, the model run directly; no request is answered twice."""
+    """[T-WORK-1] [T-WORK-2] [T-REQ-1] [T-DEPLOY-1] the spec file deploys 2 replicas, each
+    node answering its deploy once loaded and warmed up; the held-out set through the
+    system is as accurate as, and equal to, the model run directly; each request went to
+    one node only, as one work message, and no request is answered twice."""
     procs.node(broker, prefix, "n1")
     procs.node(broker, prefix, "n2")
     wait_for(lambda: all(coordinator.state(n) == "online" for n in ("n1", "n2")), "nodes online")
@@ -91,6 +93,15 @@ def test_digits_on_two_nodes(
         assert reply["result"]["state"] == "ready" and reply["result"]["warmup_ms"] >= 0
         assert reply["result"]["inputs"][0]["shape"] == [1, 8, 8, 1]
     check_digits(broker, prefix, "digits", "digits_int8.tflite", {"n1", "n2"})
+    given: dict[str, list[str]] = {}
+    for topic, payload, _ in list(observer.log):
+        ref = t.parse(topic)
+        if ref.kind is Kind.NODE_WORK:
+            header, _body = work.decode_work(payload)
+            given.setdefault(header.request_id, []).append(str(ref.node))
+    images, _ = digits_test_set()
+    assert len(given) == len(images)
+    assert all(len(nodes) == 1 for nodes in given.values()), "work given twice"
 
 
 def test_onnx_and_tflite_services_side_by_side(

@@ -75,7 +75,9 @@ def test_bad_input_gets_the_right_error_and_the_node_keeps_serving(
             result = req.wait(name)
             assert result["ok"] is False, (name, result)
             assert result["error"]["code"] == code, (name, result["error"])
-            assert result["request_id"] == name and result["node"] == "n1"
+            assert result["request_id"] == name
+            # A request too large is refused by the hub at once and never sent to a node.
+            assert result.get("node") == (None if code == "too_large" else "n1"), result
             assert result["error"]["message"]
             req.send(f"{name}-then-good", good)
             after = req.wait(f"{name}-then-good")
@@ -92,8 +94,9 @@ def test_bad_input_gets_the_right_error_and_the_node_keeps_serving(
 def test_node_killed_with_requests_in_flight(
     broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
 ) -> None:
-    """[T-SERVE-2] a replica killed mid-stream: every request still gets exactly one
-    result or an explicit error, and the service is ready again on the other nodes."""
+    """[T-WORK-3] a replica killed mid-stream: its Will ends its leases, its work goes to
+    the other replica at once, every request gets exactly one result, and the service is
+    ready again on the other nodes."""
     nodes = {n: procs.node(broker, prefix, n) for n in ("n1", "n2", "n3")}
     wait_for(lambda: all(coordinator.state(n) == "online" for n in nodes), "nodes online")
     deploy(broker, prefix, str(DIGITS / "service.yaml"))
@@ -125,10 +128,8 @@ def test_node_killed_with_requests_in_flight(
         req.close()
     assert not failure, failure
     assert set(results) == set(payloads)  # one result each (Requester.single checks twice)
-    errors = {r["error"]["code"] for r in results.values() if not r["ok"]}
-    assert errors <= {"timeout", "unavailable", "busy"}, errors
-    ok = sum(r["ok"] for r in results.values())
-    assert ok >= len(payloads) * 0.9, f"only {ok} of {len(payloads)} ok ({errors})"
+    errors = [r["error"] for r in results.values() if not r["ok"]]
+    assert errors == [], errors[:3]
     after = ready_on(observer, prefix, "digits", 2)
     assert victim not in after
 
@@ -313,8 +314,8 @@ def test_coordinator_restart_keeps_the_placement(
 def test_a_full_queue_answers_busy(
     broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
 ) -> None:
-    """A burst larger than the replica's queue: the overflow gets 'busy' at once, the rest
-    is served, and each request gets exactly one answer."""
+    """[T-WORK-4] A burst larger than the service's queue at the hub: the overflow gets
+    'busy' at once, the rest is served, and each request gets exactly one answer."""
     procs.node(broker, prefix, "n1")
     wait_for(lambda: coordinator.state("n1") == "online", "n1 online")
     model = REPO / "models" / "mobilenet_v2" / "mobilenet_v2_int8.tflite"
@@ -331,7 +332,7 @@ def test_a_full_queue_answers_busy(
     codes = [r["error"]["code"] for r in results.values() if not r["ok"]]
     served = sum(r["ok"] for r in results.values())
     assert set(codes) == {"busy"} and served >= 2, (served, codes)
-    assert "2 requests queued" in next(
+    assert "2 requests waiting for a replica (queue 2 per replica, 1 ready)" in next(
         r["error"]["message"] for r in results.values() if not r["ok"]
     )
 

@@ -75,7 +75,13 @@ def test_payload_must_name_its_topic_owner() -> None:
 
 
 def test_every_control_topic_has_a_model() -> None:
-    control = {Kind.SERVICE_REQUEST, Kind.SERVICE_RESULT, Kind.SERVICE_STAGE, Kind.ARTIFACT_CHUNK}
+    control = {
+        Kind.SERVICE_REQUEST,
+        Kind.SERVICE_RESULT,
+        Kind.ARTIFACT_CHUNK,
+        Kind.NODE_WORK,
+        Kind.NODE_ANSWER,
+    }
     assert set(codec.MODEL_BY_KIND) == set(Kind) - control
     assert _code(Kind.SERVICE_REQUEST, b"{}") is Code.BAD_TOPIC
 

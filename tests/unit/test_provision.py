@@ -595,7 +595,7 @@ def test_a_restarted_coordinator_adopts_a_pipeline_without_redeploying() -> None
     assert again.model_dump(exclude={"ts"}) == published.model_dump(exclude={"ts"})
 
 
-# ---- routing weights ----------------------------------------------------------------------
+# ---- measured costs ----------------------------------------------------------------------
 
 
 def measured(reg: Registry, node: str, slot: str, inference_ms: float, workers: int = 1) -> None:
@@ -603,43 +603,6 @@ def measured(reg: Registry, node: str, slot: str, inference_ms: float, workers: 
     assert rec.heartbeat is not None
     stats = {slot: m.ReplicaStats(served=10, inference_ms=inference_ms, workers=workers)}
     rec.heartbeat = rec.heartbeat.model_copy(update={"stats": stats})
-
-
-def weights(status: m.ServiceStatus) -> dict[str, float | None]:
-    return {r.node: r.weight for r in status.replicas}
-
-
-def test_ready_replicas_are_weighted_by_measured_capacity() -> None:
-    """[T-SERVE-5] weights are requests per second the node measured it can run; noise
-    under 25% republishes nothing; a real slowdown does."""
-    reg = registry("n1", "n2")
-    p, _ = deployed(reg, spec())
-    measured(reg, "n1", NAME, 2.0)  # 500/s
-    measured(reg, "n2", NAME, 8.0, workers=2)  # 250/s
-    assert weights(last_status(p.step(reg, 3.0))) == {"n1": 500.0, "n2": 250.0}
-    measured(reg, "n1", NAME, 2.3)  # 435/s: noise
-    assert p.step(reg, 3.5) == []
-    measured(reg, "n1", NAME, 9.0)  # 111/s: slowed down
-    assert weights(last_status(p.step(reg, 4.0))) == {"n1": 110.0, "n2": 250.0}
-
-
-def test_no_weights_until_every_ready_replica_is_measured_or_with_one_replica() -> None:
-    reg = registry("n1", "n2")
-    p, _ = deployed(reg, spec())
-    measured(reg, "n1", NAME, 2.0)
-    assert p.step(reg, 3.0) == []  # n2 not measured yet: route evenly
-    reg2 = registry("n1")
-    p2, _ = deployed(reg2, spec(replicas=1))
-    measured(reg2, "n1", NAME, 2.0)
-    assert p2.step(reg2, 3.0) == []
-
-
-def test_even_routing_publishes_no_weights() -> None:
-    reg = registry("n1", "n2")
-    p, _ = deployed(reg, spec(routing="even"))
-    measured(reg, "n1", NAME, 2.0)
-    measured(reg, "n2", NAME, 8.0)
-    assert p.step(reg, 3.0) == []
 
 
 def test_fewer_replicas_drop_the_slowest_and_more_avoid_nodes_that_ran_it_slowly() -> None:
@@ -658,12 +621,3 @@ def test_fewer_replicas_drop_the_slowest_and_more_avoid_nodes_that_ran_it_slowly
     assert deploys == ["n3"]
 
 
-def test_capacity_counts_a_workers_whole_time_per_request_once_measured() -> None:
-    reg = registry("n1", "n2")
-    p, _ = deployed(reg, spec())
-    for node, service_ms in (("n1", 4.0), ("n2", None)):
-        rec = reg.nodes[node]
-        assert rec.heartbeat is not None
-        stats = m.ReplicaStats(served=5, inference_ms=2.0, service_ms=service_ms)
-        rec.heartbeat = rec.heartbeat.model_copy(update={"stats": {NAME: stats}})
-    assert weights(last_status(p.step(reg, 3.0))) == {"n1": 250.0, "n2": 500.0}

@@ -29,7 +29,7 @@ def with_model(tmp_path: Path, name: str = "digits_int8.tflite") -> Path:
 def test_the_digits_service_file() -> None:
     spec, model = load_spec_file(DIGITS / "service.yaml")
     assert (spec.name, spec.model, spec.replicas) == ("digits", "digits_int8.tflite", 2)
-    assert (spec.deadline_ms, spec.workers, spec.threads, spec.queue) == (10_000, 1, 1, 32)
+    assert (spec.deadline_ms, spec.workers, spec.threads, spec.queue) == (10_000, 1, 1, 128)
     assert model.path == MODEL.resolve()
     assert model.format == "tflite"
     assert model.data == MODEL.read_bytes()

@@ -1,20 +1,22 @@
-"""Replicas of one service deciding among themselves who answers, with the real digits
-model and no broker: the test plays the broker, delivering the same statuses, requests
-and done notices to each replica and collecting what they publish."""
+"""A node's replica doing the hub's work, with the real digits model and no broker: the
+test plays the hub, handing work to the node's intake and reading its answers."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import orjson
 
-from mqinfer.mqtt import Message, Outgoing
+from mqinfer.mqtt import Connection, Message
+from mqinfer.node.intake import Intake
+from mqinfer.node.replica import Replica
 from mqinfer.node.runtimes import available_backends
-from mqinfer.node.serving import Replica
 from mqinfer.protocol import messages as m
-from mqinfer.protocol.routing import owner, request_key
-from mqinfer.protocol.topics import Kind, Topics
+from mqinfer.protocol import work as w
+from mqinfer.protocol.topics import Topics
 from mqinfer.servicefile import read_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,212 +24,199 @@ MODEL = REPO / "models" / "digits" / "digits_int8.tflite"
 T = Topics()
 
 
-class Bus:
-    """What the replicas published, in order."""
+class Hub:
+    """Takes what the node publishes (as its connection would)."""
 
     def __init__(self) -> None:
-        self.sent: list[Outgoing] = []
+        self.answers: list[tuple[w.Answer, bytes]] = []
+        self.lock = threading.Lock()
+        self.session = 1
 
-    def send(self, messages: list[Outgoing]) -> None:
-        self.sent.extend(messages)
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        assert topic == T.node_answer("n1")
+        with self.lock:
+            self.answers.append(w.decode_answer(payload))
 
-    def results(self) -> list[dict[str, object]]:
-        return [orjson.loads(o.payload) for o in self.sent if "/result" in o.topic]
+    def connection(self) -> tuple[Connection | None, int]:
+        return self, self.session  # type: ignore[return-value]
 
-    def dones(self) -> list[m.Done]:
-        return [
-            m.Done.model_validate_json(o.payload) for o in self.sent if o.topic.endswith("done")
-        ]
+    def wait(self, count: int) -> list[tuple[w.Answer, bytes]]:
+        deadline = time.monotonic() + 10
+        while True:
+            with self.lock:
+                if len(self.answers) >= count:
+                    return list(self.answers)
+            assert time.monotonic() < deadline, f"{len(self.answers)} of {count} answers"
+            time.sleep(0.005)
 
 
-def replica(node: str, bus: Bus, deadline_ms: int = 10_000) -> Replica:
+def spec(**kw: object) -> m.ServiceSpec:
     model = read_model(MODEL)
-    spec = m.ServiceSpec(
+    return m.ServiceSpec(
         name="d",
         model=MODEL.name,
         artifact=model.sha256,
         format="tflite",
         size=len(model.data),
-        deadline_ms=deadline_ms,
         manifest=model.manifest,
+        **kw,  # type: ignore[arg-type]
     )
+
+
+def node(hub: Hub, **kw: object) -> tuple[Intake, Replica]:
+    replicas: dict[str, Replica] = {}
+    intake = Intake("n1", T, replicas, hub.connection)
     r = Replica(
-        node_id=node,
-        spec=spec,
+        node_id="n1",
+        spec=spec(**kw),
         path=MODEL,
         backend=available_backends()["tflite"],
-        topics=T,
-        send=bus.send,
+        answer=intake.answer,
     )
     r.load()
     r.start()
-    return r
+    replicas["d"] = r
+    return intake, r
 
 
-def status(*ready: str, listed: tuple[str, ...] = ()) -> m.ServiceStatus:
-    replicas = [m.ReplicaStatus(node=n, state="ready") for n in ready]
-    replicas += [m.ReplicaStatus(node=n, state="deploying") for n in listed]
-    return m.ServiceStatus(name="d", state="ready", replicas=replicas)
+def work(job: str, body: bytes, lease_ms: float = 5000, **kw: object) -> Message:
+    header = w.Work(
+        job=job,
+        service="d",
+        kind="request",
+        lease_ms=lease_ms,
+        deadline_ms=10_000,
+        request_id=f"id-{job}",
+        **kw,  # type: ignore[arg-type]
+    )
+    return Message(T.node_work("n1"), w.encode_work(header, body), 1, False)
 
 
-def request(i: int) -> tuple[Message, str]:
-    topic = T.service_request("d", f"q{i}")
-    payload = bytes([i % 256]) * 64  # raw int8 [1,8,8,1]
-    return Message(topic, payload, 1, False), request_key(topic, payload, None, None)
+def direct(image: np.ndarray) -> list[int]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(MODEL))
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    it.set_tensor(inp["index"], image)
+    it.invoke()
+    return list(it.get_tensor(out["index"]).reshape(-1))
 
 
-def deliver(replicas: list[Replica], msg: Message) -> None:
-    ref = T.parse(msg.topic)
-    assert ref.kind is Kind.SERVICE_REQUEST
-    for r in replicas:
-        r.on_request(ref, msg)
-
-
-def wait_for_results(bus: Bus, count: int) -> None:
-    deadline = time.monotonic() + 10
-    while len(bus.results()) < count:
-        assert time.monotonic() < deadline, f"{len(bus.results())} of {count} results"
-        time.sleep(0.01)
-
-
-def test_each_request_is_answered_once_by_its_owner() -> None:
-    """[T-SERVE-1] two replicas fed the same requests answer each exactly once, the owner."""
-    bus = Bus()
-    reps = [replica("n1", bus), replica("n2", bus)]
+def test_work_is_answered_with_the_result_the_requester_gets() -> None:
+    """[T-WORK-2] the answer names the job and carries the result JSON as the requester
+    gets it, outputs equal to the model run directly."""
+    hub = Hub()
+    intake, r = node(hub)
     try:
-        for r in reps:
-            r.on_status(status("n1", "n2"))
-        keys = {}
-        for i in range(40):
-            msg, key = request(i)
-            keys[f"q{i}"] = key
-            deliver(reps, msg)
-        wait_for_results(bus, 40)
-        time.sleep(0.1)
-        results = bus.results()
-        assert sorted(r["request_id"] for r in results) == sorted(keys)
-        for r in results:
-            assert r["ok"] and r["node"] == owner(keys[str(r["request_id"])], ["n1", "n2"])
-        assert {r["node"] for r in results} == {"n1", "n2"}
-        assert len([k for d in bus.dones() for k in d.keys]) == 40
+        image = np.arange(64, dtype=np.int8).reshape(1, 8, 8, 1)
+        intake.on_work(work("e1-1", image.tobytes()), session=1)
+        [(answer, body)] = hub.wait(1)
+        assert (answer.job, answer.kind, answer.ok) == ("e1-1", "result", True)
+        assert answer.node_ms is not None and answer.inference_ms is not None
+        result = orjson.loads(body)
+        assert (result["request_id"], result["service"], result["node"]) == ("id-e1-1", "d", "n1")
+        assert result["outputs"][0]["values"][0] == direct(image)
+        assert set(result["timing"]) == {"queue_ms", "inference_ms", "total_ms"}
     finally:
-        for r in reps:
-            r.stop()
+        r.stop()
 
 
-def test_a_lost_owners_requests_are_served_by_a_witness() -> None:
-    """[T-SERVE-2] n1 receives nothing (it died); when the status drops it, n2 answers
-    what n1 owned, and does not answer twice what n1 had answered before it died."""
-    bus = Bus()
-    n1, n2 = replica("n1", bus), replica("n2", bus)
+def test_a_json_body_names_its_request_id_only_when_the_topic_did_not() -> None:
+    """[T-REQ-2] the body's request_id counts only when the hub says the id is not fixed."""
+    hub = Hub()
+    intake, r = node(hub)
     try:
-        for r in (n1, n2):
-            r.on_status(status("n1", "n2"))
-        owned_by_n1 = []
-        for i in range(40):
-            msg, key = request(i)
-            if i < 20:
-                deliver([n1, n2], msg)  # both alive
-            else:
-                deliver([n2], msg)  # n1 is dead: it never reads these
-                if owner(key, ["n1", "n2"]) == "n1":
-                    owned_by_n1.append(f"q{i}")
-        wait_for_results(bus, 40 - len(owned_by_n1))
-        before = len(bus.results())
-        n2.on_status(status("n2"))  # n1's Will: the coordinator drops it
-        # n1's done notices arrive after that status (amqtt does not keep the order of
-        # messages from different clients): they still count, within ORPHAN_SETTLE
-        for done in bus.dones():
-            n2.on_done(done)
-        n2.tick(time.monotonic() + 1)
-        wait_for_results(bus, before + len(owned_by_n1))
-        time.sleep(0.1)
-        late = bus.results()[before:]
-        assert sorted(r["request_id"] for r in late) == sorted(owned_by_n1)
-        assert all(r["node"] == "n2" and r["ok"] for r in late)
-        assert len({r["request_id"] for r in bus.results()}) == len(bus.results()) == 40
+        body = orjson.dumps({"inputs": [[[0.5]] * 8] * 8, "request_id": "from-body"})
+        intake.on_work(work("e1-1", body, id_fixed=False), session=1)
+        intake.on_work(work("e1-2", body, id_fixed=True), session=1)
+        ids = sorted(orjson.loads(b)["request_id"] for _, b in hub.wait(2))
+        assert ids == ["from-body", "id-e1-2"]
     finally:
-        n1.stop()
-        n2.stop()
+        r.stop()
 
 
-def test_an_owner_that_never_answers_gets_a_timeout_from_its_successor() -> None:
-    """[T-SERVE-2] n1 stays listed but never answers (stuck): after the deadline and the
-    grace period, exactly one witness answers each of its requests with 'timeout'."""
-    bus = Bus()
-    n2, n3 = replica("n2", bus, deadline_ms=100), replica("n3", bus, deadline_ms=100)
+def test_bad_input_is_an_error_result_and_the_replica_goes_on() -> None:
+    hub = Hub()
+    intake, r = node(hub)
     try:
-        for r in (n2, n3):
-            r.on_status(status("n1", "n2", "n3"))
-        stuck = []
-        for i in range(30):
-            msg, key = request(i)
-            deliver([n2, n3], msg)
-            if owner(key, ["n1", "n2", "n3"]) == "n1":
-                stuck.append(f"q{i}")
-        answered = 30 - len(stuck)
-        wait_for_results(bus, answered)
-        for done in bus.dones():
-            for r in (n2, n3):
-                r.on_done(done)
-        later = time.monotonic() + 2.5  # deadline 0.1 s + grace 2 s
-        for r in (n2, n3):
-            r.tick(later)
-        timeouts = [r for r in bus.results() if not r["ok"]]
-        assert sorted(r["request_id"] for r in timeouts) == sorted(stuck)
-        assert {r["error"]["code"] for r in timeouts} == {"timeout"}  # type: ignore[index]
-        assert all("no answer from n1" in r["error"]["message"] for r in timeouts)  # type: ignore[index]
+        intake.on_work(work("e1-1", b"\x00" * 63), session=1)
+        intake.on_work(work("e1-2", bytes(64)), session=1)
+        answers = {a.job: (a, orjson.loads(b)) for a, b in hub.wait(2)}
+        bad, result = answers["e1-1"]
+        assert (bad.kind, bad.ok, bad.code) == ("result", False, "bad_payload")
+        assert result["error"]["code"] == "bad_payload" and "64 bytes" in result["error"]["message"]
+        assert answers["e1-2"][0].ok
     finally:
-        n2.stop()
-        n3.stop()
+        r.stop()
 
 
-def test_a_result_seen_on_the_result_topic_counts_as_done() -> None:
-    """[T-SERVE-2] the lost owner's last result reached the requester but its done notice
-    did not: the result itself, seen on the result topic, stops a second answer."""
-    bus = Bus()
-    n2 = replica("n2", bus)
+def test_work_whose_lease_ran_out_is_released_not_done() -> None:
+    """[T-WORK-3] the hub has given it to another replica: the node answers nothing but a
+    release."""
+    hub = Hub()
+    intake, r = node(hub, artificial_slowdown=1.0)
     try:
-        n2.on_status(status("n1", "n2"))
-        owned = []
-        for i in range(30):
-            msg, key = request(i)
-            deliver([n2], msg)
-            if owner(key, ["n1", "n2"]) == "n1":
-                owned.append(i)
-        wait_for_results(bus, 30 - len(owned))
-        answered = owned[0]  # n1 answered this one before it died
-        result = Message(T.service_result("d", f"q{answered}"), b'{"ok":true}', 1, False)
-        n2.on_result(T.parse(result.topic), result)
-        before = len(bus.results())
-        n2.on_status(status("n2"))
-        n2.tick(time.monotonic() + 1)
-        wait_for_results(bus, before + len(owned) - 1)
-        time.sleep(0.1)
-        again = {r["request_id"] for r in bus.results()[before:]}
-        assert again == {f"q{i}" for i in owned[1:]}
+        r.artificial_slowdown = 2000.0  # one run now takes ~0.2 s or more
+        intake.on_work(work("e1-1", bytes(64), lease_ms=30_000), session=1)
+        intake.on_work(work("e1-2", bytes(64), lease_ms=1), session=1)  # behind it
+        answers = {a.job: a for a, _ in hub.wait(2)}
+        assert answers["e1-1"].kind == "result"
+        assert (answers["e1-2"].kind, answers["e1-2"].code) == ("released", "lease_expired")
     finally:
-        n2.stop()
+        r.artificial_slowdown = 1.0
+        r.stop()
 
 
-def test_an_idle_replica_of_a_fast_model_answers_on_the_receiving_thread() -> None:
-    """The digits model runs in microseconds: an idle replica answers before on_request
-    returns (no thread handoff). Once it measures slow, requests are still answered (by
-    the workers)."""
-    bus = Bus()
-    r = replica("n1", bus)
+def test_work_for_a_slot_it_does_not_run_is_released_and_a_redelivery_is_not_done_twice() -> None:
+    hub = Hub()
+    intake, r = node(hub)
     try:
-        r.on_status(status("n1"))
-        assert r.inference_ms is not None and r.inference_ms < 1.0
-        msg, _ = request(1)
-        deliver([r], msg)
-        [result] = bus.results()  # already there: served inline
-        assert result["ok"] and result["request_id"] == "q1"
-        r.inference_ms = 50.0  # as a slow model measures
-        msg, _ = request(2)
-        deliver([r], msg)
-        wait_for_results(bus, 2)
-        assert [x["request_id"] for x in bus.results()] == ["q1", "q2"]
-        assert r.served == 2
+        other = w.Work(
+            job="e1-9",
+            service="other",
+            kind="request",
+            lease_ms=1000,
+            deadline_ms=1000,
+            request_id="x",
+        )
+        intake.on_work(Message(T.node_work("n1"), w.encode_work(other, b""), 1, False), 1)
+        msg = work("e1-1", bytes(64))
+        intake.on_work(msg, session=1)
+        intake.on_work(msg, session=1)  # the broker redelivered it
+        answers = hub.wait(2)
+        time.sleep(0.2)
+        assert len(hub.answers) == 2
+        kinds = {a.job: (a.kind, a.code) for a, _ in answers}
+        assert kinds == {"e1-9": ("released", "not_deployed"), "e1-1": ("result", None)}
+    finally:
+        r.stop()
+
+
+def test_no_answer_goes_out_on_a_session_other_than_the_works() -> None:
+    """[T-WORK-3] after a reconnect the hub counts the old session's leases as ended."""
+    hub = Hub()
+    intake, r = node(hub)
+    try:
+        hub.session = 2  # the node reconnected while the work was queued
+        intake.on_work(work("e1-1", bytes(64)), session=1)
+        intake.on_work(work("e1-2", bytes(64)), session=2)
+        [(answer, _)] = hub.wait(1)
+        time.sleep(0.2)
+        assert answer.job == "e1-2" and len(hub.answers) == 1
+    finally:
+        r.stop()
+
+
+def test_malformed_work_is_refused_and_the_node_goes_on() -> None:
+    hub = Hub()
+    intake, r = node(hub)
+    try:
+        for payload in (b"", b"garbage", b"MQW1\xff\xff\xff\xff{}", b"MQW1\x02\x00\x00\x00[]"):
+            intake.on_work(Message(T.node_work("n1"), payload, 1, False), session=1)
+        assert intake.refused == 4
+        intake.on_work(work("e1-1", bytes(64)), session=1)
+        [(answer, _)] = hub.wait(1)
+        assert answer.ok
     finally:
         r.stop()

@@ -39,8 +39,9 @@ def test_build_and_parse_round_trip() -> None:
         t.service_result("digits", "r1"): Ref(
             Kind.SERVICE_RESULT, service="digits", request_id="r1"
         ),
-        t.service_done("digits"): Ref(Kind.SERVICE_DONE, service="digits"),
-        t.service_stage("digits", 2): Ref(Kind.SERVICE_STAGE, service="digits", stage="2"),
+        t.node_work("n1"): Ref(Kind.NODE_WORK, node="n1"),
+        t.node_answer("n1"): Ref(Kind.NODE_ANSWER, node="n1"),
+        t.coordinator_heartbeat(): Ref(Kind.COORDINATOR_HEARTBEAT),
         t.artifact_meta(SHA): Ref(Kind.ARTIFACT_META, artifact=SHA),
         t.artifact_chunk(SHA, 12): Ref(Kind.ARTIFACT_CHUNK, artifact=SHA, chunk="12"),
         t.coordinator_state(): Ref(Kind.COORDINATOR_STATE),

@@ -206,8 +206,9 @@ class CoordinatorAgent:
     def begin(self, conn: Connection) -> None:
         """The hub connection is up: subscribe (once per session), announce."""
         session = self._session
-        if not conn.session_present:  # one SUBSCRIBE per session, with wildcards
-            conn.subscribe(hub_subscriptions(self.topics), timeout=60)
+        # One SUBSCRIBE per session, with wildcards; again after a reconnect even when the
+        # broker kept the session (a cluster may have lost a subscription it refused).
+        conn.subscribe(hub_subscriptions(self.topics), timeout=60, retries=10)
         conn.publish_wait(
             self.topics.coordinator_state(), self._state("online", session), retain=True
         )

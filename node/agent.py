@@ -13,11 +13,12 @@ import threading
 import time
 from pathlib import Path
 
-from mqinfer.mqtt import Connection, Message, Will
+from mqinfer.mqtt import Connection, Message, MQTTError, Will
 from mqinfer.node import sysinfo
 from mqinfer.node.artifacts import ArtifactStore, default_cache_dir
 from mqinfer.node.capabilities import Probe, capabilities, reference_ms
 from mqinfer.node.commands import CommandHandler
+from mqinfer.node.fallback import Fallback
 from mqinfer.node.fetch import META_WAIT, Fetcher
 from mqinfer.node.intake import Intake
 from mqinfer.node.provisioning import Provisioning
@@ -29,6 +30,8 @@ from mqinfer.protocol.errors import ProtocolError
 from mqinfer.protocol.topics import Kind, Topics
 
 log = logging.getLogger("mqinfer.node")
+
+FETCH_IDLE = 30.0  # seconds without a fetch before the artifacts' connection is closed
 
 
 class NodeAgent:
@@ -70,8 +73,16 @@ class NodeAgent:
         self.max_request_bytes = max_request_bytes
         self.max_model_bytes = max_model_bytes
         self.fetcher = Fetcher(
-            self.store, topics, self.connection, self.model_bytes_limit, meta_wait=artifact_wait
+            self.store,
+            topics,
+            self._fetch_connection,
+            self.model_bytes_limit,
+            meta_wait=artifact_wait,
         )
+        self._fetching: Connection | None = None  # a connection for artifacts alone
+        self._fetch_lock = threading.Lock()
+        self._fetch_idle = 0.0  # monotonic time the fetcher last had nothing to do
+        self.fallback = Fallback(node_id, topics)
         self.max_workers = max_workers
         self.artificial_slowdown = artificial_slowdown
         self.speed_ms = reference_ms()
@@ -88,6 +99,50 @@ class NodeAgent:
         """The live connection, if any (for work off the network thread)."""
         conn = self._conn
         return conn if conn is not None and conn.alive else None
+
+    def _fetch_connection(self) -> Connection | None:
+        """Artifacts are fetched on a connection of their own (the fetcher's thread opens
+        it): a SUBSCRIBE that stalls a clustered broker for seconds stalls no heartbeat."""
+        with self._fetch_lock:
+            conn = self._fetching
+            if conn is not None and conn.alive:
+                return conn
+            main = self.connection()
+            if main is None:
+                return None
+            conn = Connection(
+                [main.url, *(u for u in main.urls if u != main.url)],
+                f"mqinfer-fetch-{self.node_id}-{time.time_ns():x}",
+                self._fetched,
+                protocol=main.version or "auto",
+            )
+            try:
+                conn.open()
+            except MQTTError as e:
+                log.warning("%s: no connection for artifacts: %s", self.name, e)
+                return None
+            self._fetching = conn
+            return conn
+
+    def _fetched(self, message: Message) -> None:
+        try:
+            ref = self.topics.parse(message.topic)
+        except ValueError:
+            return
+        if ref.kind is Kind.ARTIFACT_META or ref.kind is Kind.ARTIFACT_CHUNK:
+            self.fetcher.on_message(ref, message.payload)
+
+    def _close_fetching(self, now: float) -> None:
+        """The artifacts' connection goes when nothing was fetched for a while."""
+        if self.fetcher.pending():
+            self._fetch_idle = now
+            return
+        if now - self._fetch_idle < FETCH_IDLE:
+            return
+        with self._fetch_lock:
+            conn, self._fetching = self._fetching, None
+        if conn is not None:
+            conn.close()
 
     def _current(self) -> tuple[Connection | None, int]:
         with self._lock:
@@ -113,6 +168,10 @@ class NodeAgent:
         """Stop the provisioning thread, the fetcher and every replica (after the session)."""
         self.provisioning.close()
         self.fetcher.close()
+        with self._fetch_lock:
+            conn, self._fetching = self._fetching, None
+        if conn is not None:
+            conn.close()
         for slot in list(self.replicas):
             self.remove(None, slot)
 
@@ -134,12 +193,17 @@ class NodeAgent:
         self.intake.new_session(session)
         # [T-CMD-1] subscribe before birth, so no command sent after "online" is missed; one
         # SUBSCRIBE per session, never one per deploy (each can stall a clustered broker).
+        self.fallback.start(time.monotonic())
         conn.subscribe(
             [
                 (self.topics.node_cmd(self.node_id), 1),
                 (self.topics.node_state(self.node_id), 1),
                 (self.topics.node_work(self.node_id), 1),
-            ]
+                (self.topics.coordinator_state(), 1),  # [T-HUB-4] is the hub there?
+                (self.topics.coordinator_heartbeat(), 0),
+            ],
+            timeout=60,
+            retries=10,
         )
         self.announce(conn)
         self.publish_state(conn, "online")
@@ -151,6 +215,8 @@ class NodeAgent:
         now = time.monotonic()
         for replica in list(self.replicas.values()):
             replica.tick(now)
+        self.fallback.tick(conn, now)
+        self._close_fetching(now)
         if now < self._next_beat:
             return
         self._next_beat = now + self.heartbeat
@@ -225,6 +291,12 @@ class NodeAgent:
             self.commands.handle(conn, message)
         elif kind is Kind.NODE_STATE and ref.node == self.node_id:
             self._check_own_state(conn, message)
+        elif kind is Kind.COORDINATOR_HEARTBEAT:
+            self.fallback.on_heartbeat(time.monotonic())
+        elif kind is Kind.COORDINATOR_STATE:
+            self.fallback.on_state(message.payload)
+        elif kind is Kind.SERVICE_REQUEST:  # only while cut off from the hub
+            self.fallback.on_request(conn, ref, message, time.monotonic())
 
     def replicas_of(self, service: str) -> list[Replica]:
         return [r for r in list(self.replicas.values()) if r.name == service]

@@ -272,7 +272,7 @@ class Fetcher:
                 job.subscribed += filters
                 # The meta's wait starts at its SUBACK; a stall of chunks counts from now.
                 job.waiting_since = time.monotonic() if stage == "chunks" else 0.0
-            conn.subscribe([(f, 1) for f in filters])
+            conn.subscribe([(f, 1) for f in filters], timeout=30)
             with self._lock:
                 job.waiting_since = time.monotonic()  # retained messages come after SUBACK
         except Exception as e:

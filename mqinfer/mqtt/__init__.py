@@ -11,6 +11,7 @@ from mqinfer.mqtt.connection import (
     NotConnected,
     Outgoing,
     Persistence,
+    SubscribeRefused,
     Will,
 )
 from mqinfer.mqtt.url import DEFAULT_BROKER, Brokers, BrokerURL, parse_brokers
@@ -27,6 +28,7 @@ __all__ = [
     "NotConnected",
     "Outgoing",
     "Persistence",
+    "SubscribeRefused",
     "Will",
     "parse_brokers",
 ]

@@ -55,6 +55,15 @@ class NotConnected(MQTTError):
     """A publish or subscribe was attempted without a live connection."""
 
 
+class SubscribeRefused(MQTTError):
+    """The broker refused some filters of a SUBSCRIBE (an ACL, or a clustered broker that
+    could not set the subscription up in time)."""
+
+    def __init__(self, message: str, refused: list[str]) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
 @dataclass(frozen=True)
 class Will:
     topic: str
@@ -406,9 +415,26 @@ class Connection:
             raise NotConnected(f"not connected to {self.url}")
         return self._client
 
-    def subscribe(self, filters: Sequence[tuple[str, int]], timeout: float = 10.0) -> None:
-        """Subscribe and wait for the SUBACK; raise if the broker refused any filter. Not
-        on the network thread (it would wait for itself)."""
+    def subscribe(
+        self, filters: Sequence[tuple[str, int]], timeout: float = 10.0, retries: int = 0
+    ) -> None:
+        """Subscribe and wait for the SUBACK; raise if the broker refused any filter, after
+        asking `retries` more times, a second apart, for the ones it refused (a NATS
+        cluster refuses a QoS 1 subscription it could not set up within 4 s). Not on the
+        network thread (it would wait for itself)."""
+        todo = list(filters)
+        for attempt in range(retries + 1):
+            try:
+                self._subscribe(todo, timeout)
+                return
+            except SubscribeRefused as e:
+                if attempt == retries:
+                    raise
+                log.warning("%s; asking again", e)
+                todo = [(f, q) for f, q in todo if f in e.refused]
+                self._lost.wait(1.0)
+
+    def _subscribe(self, filters: Sequence[tuple[str, int]], timeout: float) -> None:
         if threading.current_thread() is self._thread:
             raise RuntimeError("subscribe in a message handler would wait for itself")
         event, codes = threading.Event(), []  # type: ignore[var-annotated]
@@ -424,7 +450,7 @@ class Connection:
             raise NotConnected(f"no SUBACK from {self.url} within {timeout:.0f} s")
         refused = [f for (f, _), c in zip(filters, codes, strict=False) if c.is_failure]
         if refused:
-            raise MQTTError(f"{self.url} refused subscriptions {refused}")
+            raise SubscribeRefused(f"{self.url} refused subscriptions {refused}", refused)
 
     def unsubscribe(self, filters: Sequence[str]) -> None:
         """Unsubscribe without waiting for the UNSUBACK (any thread)."""

@@ -788,9 +788,17 @@ class BridgedMosquittos:
     """
 
     def __init__(
-        self, workdir: Path, prefix: str, restart_timeout: int = 1, quickack: bool = False
+        self,
+        workdir: Path,
+        prefix: str,
+        restart_timeout: int = 1,
+        quickack: bool = False,
+        cleansession: bool = False,
     ) -> None:
+        """`cleansession`: the bridge keeps no session, so what is published at the site
+        while the bridge is down is not queued for the hub (deploy/mosquitto's advice)."""
         need_mosquitto()
+        self.cleansession = cleansession
         self.prefix = prefix.rstrip("/")
         self.probe_prefix = f"{self.prefix}-bridge-probe"
         self.bridge_id = f"site-bridge-{uuid.uuid4().hex[:8]}"
@@ -825,6 +833,7 @@ class BridgedMosquittos:
             "bridge_protocol_version mqttv50\n"
             # Base and cap: a single value keeps the default 5-30 s jitter in 2.0.11.
             f"restart_timeout {self.restart_timeout} {self.restart_timeout}\n"
+            f"cleansession {'true' if self.cleansession else 'false'}\n"
             f"topic {self.prefix}/# both 1\n"
             f"topic {self.probe_prefix}/# both 0\n"
         )

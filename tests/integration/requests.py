@@ -89,7 +89,8 @@ class Requester:
     """Sends requests on services/{service}/request/{id} and collects every result, so a
     duplicate would show up as a second result for the same id."""
 
-    def __init__(self, broker: Broker, prefix: str, service: str) -> None:
+    def __init__(self, broker: Broker, prefix: str, service: str, port: int | None = None) -> None:
+        """Requests through `broker` (or the broker on `port`: a cluster member, a site)."""
         self.topics = Topics(prefix)
         self.service = service
         self.lock = threading.Lock()
@@ -109,9 +110,9 @@ class Requester:
         self.client.on_connect = lambda c, *a: c.subscribe(
             self.topics.service_result(service) + "/+", qos=1
         )
-        self.client.connect("127.0.0.1", broker.port)
+        self.client.connect("127.0.0.1", port or broker.port)
         self.client.loop_start()
-        assert subscribed.wait(10), "requester: no SUBACK"
+        assert subscribed.wait(30), "requester: no SUBACK"
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         base = self.topics.service_result(self.service) + "/"

@@ -32,6 +32,7 @@ test: check
 	$(BIN)/python -m pytest
 
 # Benchmarks: each against its baseline in the same run; figures go to bench/RESULTS.md.
+# bench/setup.sh (root) installs what pip cannot: HAProxy, Mosquitto, iproute2.
 BENCH_STAMP = $(VENV)/.installed-bench
 
 $(BENCH_STAMP): $(STAMP)
@@ -39,6 +40,7 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
+	sh bench/setup.sh
 	$(BIN)/python -m bench.run
 
 clean:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import io
 import os
+import selectors
 import socket
 import statistics
 import subprocess
@@ -17,10 +18,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import orjson
@@ -28,8 +29,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from PIL import Image
 
+from mqinfer.broker.ports import free_port
 from mqinfer.protocol.topics import Topics
-from tests.integration.harness import Broker, Procs, start_broker, wait_for
+from tests.integration.harness import Broker, Procs, need_mosquitto, start_broker, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -92,17 +94,55 @@ class Report:
             f.writelines(f"- {line}\n" for line in self.lines)
 
 
-class Cluster:
-    """A broker, a coordinator and nodes, each its own process, as a user runs them."""
+@dataclass
+class OpenBroker(Broker):
+    """Mosquitto with the project's config as the integration tests derive it, listening on
+    every address (0.0.0.0) instead of loopback only: nodes in network namespaces reach it
+    at their link's host address."""
 
-    def __init__(self, workdir: Path, broker: str = "mosquitto") -> None:
+    def _command(self) -> list[str]:
+        command = super()._command()
+        conf = self.workdir / "mosquitto.conf"
+        local = f"listener {self.port} 127.0.0.1\n"
+        text = conf.read_text()
+        if local not in text:
+            raise RuntimeError(f"no line {local.strip()!r} to open up in {conf}")
+        conf.write_text(text.replace(local, f"listener {self.port} 0.0.0.0\n"))
+        return command
+
+
+def open_broker(tmp_path: Path) -> Broker:
+    """A Mosquitto on a free port of every address, with the project's config."""
+    need_mosquitto()
+    workdir = tmp_path / "mosquitto"
+    workdir.mkdir()
+    broker = OpenBroker("mosquitto", free_port("0.0.0.0"), workdir)
+    broker.start()
+    return broker
+
+
+class Cluster:
+    """A broker, a coordinator and nodes, each its own process, as a user runs them. With
+    `listen_all` the broker (Mosquitto) listens on every address, for nodes elsewhere."""
+
+    def __init__(self, workdir: Path, broker: str = "mosquitto", listen_all: bool = False) -> None:
         self.workdir = workdir
-        self.broker: Broker = start_broker(broker, workdir)
+        self.broker: Broker = open_broker(workdir) if listen_all else start_broker(broker, workdir)
         self.prefix = f"b{uuid.uuid4().hex[:8]}/mqinfer"
         self.procs = Procs(workdir)
-        self.procs.start(
-            "coordinator", "coordinator", "--broker", self.broker.url, "--prefix", self.prefix
-        )
+        try:
+            self.procs.start(
+                "coordinator", "coordinator", "--broker", self.broker.url, "--prefix", self.prefix
+            )
+        except BaseException:
+            self.broker.stop()
+            raise
+
+    def aside(self, name: str) -> str:
+        """A topic prefix beside the cluster's, which the coordinator does not serve: for a
+        baseline that answers requests itself (the coordinator would answer its requests
+        `unavailable` under the cluster's prefix)."""
+        return f"{self.prefix.rsplit('/', 1)[0]}/{name}"
 
     def node(self, node_id: str, *extra: str) -> None:
         self.procs.node(self.broker, self.prefix, node_id, *extra)
@@ -128,16 +168,37 @@ class Cluster:
         assert isinstance(value, dict)
         return value
 
+    def wait_online(self, count: int, timeout: float = 120) -> None:
+        """Until `count` nodes are online in the retained state."""
+
+        def online() -> bool:
+            states = [str(n["state"]) for n in self.status()["nodes"]]
+            return states.count("online") >= count
+
+        until(online, f"{count} nodes online", timeout)
+
     def stop(self) -> None:
+        """Stop every process started here (killed if it does not stop in time), then the
+        broker."""
         for p in self.procs.all:
-            p.terminate()
+            try:
+                p.terminate()
+            except subprocess.TimeoutExpired:
+                p.kill9()
         self.broker.stop()
 
 
 class Load:
-    """A sensor's view: requests on request/{id}, results read on result/{id}."""
+    """A sensor's view: requests on request/{id}, results read on result/{id}. It connects
+    to the broker, or to `address` (host, port: a proxy in front of it) if given."""
 
-    def __init__(self, broker: Broker, prefix: str, service: str) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        prefix: str,
+        service: str,
+        address: tuple[str, int] | None = None,
+    ) -> None:
         self.topics = Topics(prefix)
         self.service = service
         self.lock = threading.Condition()
@@ -145,11 +206,12 @@ class Load:
         self.latency: dict[str, float] = {}
         self.bodies: dict[str, bytes] = {}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-        self.client.on_socket_open = _nodelay
+        self.client.on_socket_open = nodelay
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.connect("127.0.0.1", broker.port)
+        host, port = address or ("127.0.0.1", broker.port)
+        self.client.connect(host, port)
         self.client.loop_start()
         self.client.subscribe(self.topics.service_result(service) + "/+", qos=1)
         assert subscribed.wait(10), "no SUBACK"
@@ -161,7 +223,7 @@ class Load:
         with self.lock:
             if rid in self.sent and rid not in self.latency:
                 self.latency[rid] = now - self.sent[rid]
-                self.bodies[rid] = msg.payload
+                self.bodies[rid] = bytes(msg.payload)
                 self.lock.notify_all()
 
     def run(self, payload: bytes, count: int, window: int, results: bool = True) -> Run:
@@ -192,13 +254,14 @@ class Load:
             elapsed = time.perf_counter() - start
             raw = [self.bodies[i] for i in ids]
             lat = [self.latency[i] for i in ids]
+        sizes = [len(b) for b in raw]
         if not results:  # an echo: the payload comes back as it went
-            return Run(count / elapsed, lat, [])
+            return Run(count / elapsed, lat, [], sizes)
         bodies = [orjson.loads(b) for b in raw]
         errors = [b["error"] for b in bodies if not b["ok"]]
         if errors:
             raise RuntimeError(f"{len(errors)} errors, e.g. {errors[0]}")
-        return Run(count / elapsed, lat, bodies)
+        return Run(count / elapsed, lat, bodies, sizes)
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -210,13 +273,18 @@ class Run:
     throughput: float  # results per second
     latencies: list[float]  # seconds
     bodies: list[dict[str, Any]]
+    sizes: list[int] = field(default_factory=list)  # bytes of each result as received
 
     def p(self, q: float) -> float:
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
+    def p50_ms(self) -> float:
+        return self.p(0.5) * 1000
 
-def _nodelay(_c: Any, _u: Any, sock: Any) -> None:
+
+def nodelay(_c: Any, _u: Any, sock: Any) -> None:
+    """paho's on_socket_open: TCP_NODELAY on the client's socket (paho does not set it)."""
     if isinstance(sock, socket.socket):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -224,6 +292,71 @@ def _nodelay(_c: Any, _u: Any, sock: Any) -> None:
 def spread(values: list[float]) -> str:
     """'median (min-max)'."""
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def ratios(a: list[float], b: list[float]) -> list[float]:
+    """a[i] / b[i]: one ratio per round, each of two figures measured side by side."""
+    return [x / y for x, y in zip(a, b, strict=True)]
+
+
+def verdict(ratio: float, goal: float, at_most: bool = False) -> str:
+    """'met', or 'not met: X over' (goal an upper bound) / 'X short' (a lower bound)."""
+    if at_most:
+        return "met" if ratio <= goal else f"not met: {ratio - goal:.2f} over"
+    return "met" if ratio >= goal else f"not met: {goal - ratio:.2f} short"
+
+
+K = TypeVar("K")
+T = TypeVar("T")
+
+
+def interleaved(measures: Mapping[K, Callable[[], T]], reps: int) -> dict[K, list[T]]:
+    """Each measure once per round, `reps` rounds, the order reversed every other round, so
+    that no side always runs first (or right after the same other side)."""
+    out: dict[K, list[T]] = {name: [] for name in measures}
+    names = list(measures)
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            out[name].append(measures[name]())
+    return out
+
+
+def node_command(url: str, prefix: str, node_id: str, cache: Path, *extra: str) -> list[str]:
+    """`mqinfer node` as a user runs it, for a process started some other way than
+    Cluster.node (in a network namespace, under a CPU quota)."""
+    return [
+        sys.executable, "-m", "mqinfer", "node", "--broker", url, "--prefix", prefix,
+        "--id", node_id, "--cache-dir", str(cache), *extra,
+    ]  # fmt: skip
+
+
+def handwritten_command(
+    host: str, port: int, model: Path, topics: Topics, service: str
+) -> list[str]:
+    """bench.handwritten serving `model` on `topics`' request and result topics of
+    `service` (use a prefix the coordinator does not serve, or it answers them too)."""
+    return [
+        sys.executable, "-m", "bench.handwritten", "--broker", f"{host}:{port}",
+        "--model", str(model),
+        "--request-topic", topics.service_request(service) + "/+",
+        "--result-topic", topics.service_result(service) + "/+",
+    ]  # fmt: skip
+
+
+def wait_ready(proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 60) -> None:
+    """Read `proc`'s stdout (a pipe) until it prints 'ready'; fail with its log if it exits
+    or takes longer than `timeout` seconds."""
+    out: IO[bytes] | None = proc.stdout
+    assert out is not None, "start it with stdout=subprocess.PIPE"
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(out, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if sel.select(0.2) and out.readline().strip() == b"ready":
+                return
+            if proc.poll() is not None:
+                break
+    raise RuntimeError(f"{what} is not ready: {log.read_text(errors='replace')[-2000:]}")
 
 
 def until(predicate: Callable[[], Any], what: str, timeout: float = 120) -> Any:
@@ -236,7 +369,7 @@ def until(predicate: Callable[[], Any], what: str, timeout: float = 120) -> Any:
 def _echo(port: int, request: str, reply_base: str, ready: Any) -> None:
     """Republish every message on `request`/+ to `reply_base`/{id}, QoS 1 (a process)."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    client.on_socket_open = _nodelay
+    client.on_socket_open = nodelay
 
     def on_message(c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         c.publish(f"{reply_base}/{msg.topic.rsplit('/', 1)[1]}", msg.payload, qos=1)
@@ -250,7 +383,8 @@ def _echo(port: int, request: str, reply_base: str, ready: Any) -> None:
 
 class Echo:
     """A paho client in its own process that answers like a replica with no model: what
-    the broker and two clients cost, the floor under any request/result round trip."""
+    the broker and two clients cost, the floor under any request/result round trip. Give
+    it a prefix no coordinator serves (Cluster.aside)."""
 
     def __init__(self, broker: Broker, prefix: str, service: str = "echo") -> None:
         import multiprocessing

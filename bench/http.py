@@ -3,16 +3,21 @@ FastAPI + uvicorn endpoint (PNG in, JSON out), side by side in one run.
 
     python -m bench.http [--count 600] [--window 4] [--reps 3] [--no-save]
 
-The endpoint does exactly what a node does per request (decode the PNG with the model's
-preprocessing, run the model through the project's runtime, encode the outputs, top-5,
-result JSON). It is a plain sync `def` endpoint, so FastAPI runs it in its threadpool, with
-one interpreter (one runtime thread) behind a lock, as TFLite interpreters are not
-thread-safe; uvicorn runs it in one worker process on loopback. mqinfer runs one node with
-one worker (one interpreter, one runtime thread) behind Mosquitto. Clients: a keep-alive
-`http.client` connection per request in flight, and `bench.common.Load` over MQTT.
+The endpoint does exactly what a node does per request (mqinfer.node.jobs.serve: decode the
+PNG with the model's preprocessing, run the model through the project's runtime, encode the
+outputs, top-5, result JSON), with one interpreter (one runtime thread) behind a lock, as
+TFLite interpreters are not thread-safe; uvicorn runs it in one worker process on loopback.
+It is served twice by the same app: as a plain sync `def` endpoint (POST /infer/NAME),
+which FastAPI runs in its threadpool, and as an `async def` one (POST /infer-async/NAME),
+which runs on the event loop itself. mqinfer runs one node with one worker (one
+interpreter, one runtime thread) behind Mosquitto, through the coordinator (the hub).
+Clients: a keep-alive `http.client` connection per request in flight, and
+`bench.common.Load` over MQTT.
 
 For each model: latency with one request at a time, throughput with `--window` in flight;
-`--reps` rounds alternating HTTP and mqinfer; ratios per round, medians with spread.
+`--reps` rounds, the order of the three sides alternating; ratios per round, medians with
+spread. Goal (sync endpoint): mqinfer's p50 <= 0.8x. The `async def` endpoint's figures are
+context here; bench.loopback holds the goal against it.
 """
 
 from __future__ import annotations
@@ -36,10 +41,22 @@ from typing import Annotated, Any
 import orjson
 from fastapi import Body, FastAPI, HTTPException, Response
 
-from bench.common import REPO, Cluster, Load, Report, Run, camera_frame, machine, spread, until
+from bench.common import (
+    REPO,
+    Cluster,
+    Load,
+    Report,
+    Run,
+    camera_frame,
+    machine,
+    ratios,
+    spread,
+    until,
+    verdict,
+)
 from mqinfer.broker.ports import free_port
+from mqinfer.node.replica import DEFAULT_MAX_REQUEST_BYTES
 from mqinfer.node.runtimes import Model, RuntimeFailure, available_backends, warm_up
-from mqinfer.node.serving import DEFAULT_MAX_REQUEST_BYTES
 from mqinfer.protocol.errors import Code, ProtocolError
 from mqinfer.protocol.manifest import Manifest
 from mqinfer.protocol.payload import decode_request, encode_outputs, result_json, top_k
@@ -58,7 +75,7 @@ GOAL = 0.8  # mqinfer's p50 latency at most this times the HTTP endpoint's
 
 
 class Endpoint:
-    """One model as the endpoint serves it: the work of node.serving.Replica._serve."""
+    """One model as the endpoint serves it: the work of mqinfer.node.jobs.serve."""
 
     def __init__(self, name: str, path: Path) -> None:
         found = read_model(path)
@@ -126,6 +143,17 @@ def create_app() -> FastAPI:
         status, payload = endpoint.serve(body)
         return Response(payload, status_code=status, media_type="application/json")
 
+    @app.post("/infer-async/{service}")
+    async def infer_async(
+        service: str, body: Annotated[bytes, Body(media_type="image/png")]
+    ) -> Response:
+        """The same work on the event loop: no threadpool hand-off, one request at a time."""
+        endpoint = endpoints.get(service)
+        if endpoint is None:
+            raise HTTPException(404, f"no service {service!r}; there are {sorted(endpoints)}")
+        status, payload = endpoint.serve(body)
+        return Response(payload, status_code=status, media_type="application/json")
+
     return app
 
 
@@ -173,11 +201,12 @@ class Server:
 
 
 class HttpLoad:
-    """A sensor's view over HTTP: keep-alive connections, one per request in flight."""
+    """A sensor's view over HTTP: keep-alive connections, one per request in flight, to
+    POST /ROUTE/SERVICE."""
 
-    def __init__(self, port: int, service: str) -> None:
+    def __init__(self, port: int, service: str, route: str = "infer") -> None:
         self.port = port
-        self.path = f"/infer/{service}"
+        self.path = f"/{route}/{service}"
         self.conns: list[http.client.HTTPConnection] = []
 
     def _conn(self, i: int) -> http.client.HTTPConnection:
@@ -248,7 +277,7 @@ class Rounds:
     def timing(self, key: str) -> float:
         """The median of a `timing` field of the results, one request at a time: total_ms
         runs from a request's arrival at the node or handler to its result's encoding."""
-        return statistics.median(b["timing"][key] for r in self.latency for b in r.bodies)
+        return float(statistics.median(b["timing"][key] for r in self.latency for b in r.bodies))
 
 
 def versions() -> str:
@@ -285,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
                 cluster.deploy("--model", str(path), "--name", name)
             for name in MODELS:
                 payload, count = payloads[name], counts[name]
-                sides = {
+                sides: dict[str, HttpLoad | Load] = {
                     "http": HttpLoad(server.port, name),
+                    "async": HttpLoad(server.port, name, "infer-async"),
                     "mqinfer": Load(cluster.broker, cluster.prefix, name),
                 }
                 for load in sides.values():  # warm-up
@@ -307,16 +337,15 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
             cluster.stop()
     for name, rounds in results.items():
-        mq, web = rounds["mqinfer"], rounds["http"]
+        mq, web, aio = rounds["mqinfer"], rounds["http"], rounds["async"]
         model = MODELS[name].name
         what = f"{model} ({len(payloads[name]) / 1000:.1f} KB PNG)"
         tail = f"{args.reps} x {counts[name]} requests; Mosquitto, 1 node, 1 worker; {machine()}"
         p50 = [a / b for a, b in zip(mq.p(0.5), web.p(0.5), strict=True)]
-        ratio = statistics.median(p50)
-        verdict = "met" if ratio <= GOAL else f"not met: {ratio - GOAL:.2f} over"
+        met = verdict(statistics.median(p50), GOAL, at_most=True)
         report.figure(
             f"mqinfer/HTTP p50 latency, {what}, 1 in flight: ratio {spread(p50)} "
-            f"(goal <= {GOAL}x: {verdict}); mqinfer {spread(mq.p(0.5))} ms, "
+            f"(goal <= {GOAL}x: {met}); mqinfer {spread(mq.p(0.5))} ms, "
             f"HTTP {spread(web.p(0.5))} ms; {tail}"
         )
         p99 = [a / b for a, b in zip(mq.p(0.99), web.p(0.99), strict=True)]
@@ -329,22 +358,32 @@ def main(argv: list[str] | None = None) -> int:
             f"mqinfer/HTTP throughput, {what}, {args.window} in flight: ratio {spread(tput)}; "
             f"mqinfer {spread(mq.tput())} req/s, HTTP {spread(web.tput())} req/s; {tail}"
         )
+        report.figure(
+            f"mqinfer/HTTP async def, {what}: p50 latency ratio "
+            f"{spread(ratios(mq.p(0.5), aio.p(0.5)))} (HTTP async {spread(aio.p(0.5))} ms), "
+            f"p99 {spread(ratios(mq.p(0.99), aio.p(0.99)))} (HTTP async {spread(aio.p(0.99))} "
+            f"ms), throughput with {args.window} in flight "
+            f"{spread(ratios(mq.tput(), aio.tput()))} (HTTP async {spread(aio.tput())} req/s); "
+            f"{tail}"
+        )
         parts = []
-        for label, side in (("mqinfer", mq), ("HTTP", web)):
-            total = statistics.median(side.p(0.5))
-            served = side.timing("total_ms")
+        for label, rounds_of in (("mqinfer", mq), ("HTTP", web), ("HTTP async", aio)):
+            total = statistics.median(rounds_of.p(0.5))
+            served = rounds_of.timing("total_ms")
+            where = "node" if rounds_of is mq else "handler"
             parts.append(
-                f"{label} {total:.2f} = {'node' if side is mq else 'handler'} {served:.2f} "
-                f"(queue {side.timing('queue_ms'):.2f}, model run "
-                f"{side.timing('inference_ms'):.2f}) + the rest {total - served:.2f}"
+                f"{label} {total:.2f} = {where} {served:.2f} "
+                f"(queue {rounds_of.timing('queue_ms'):.2f}, model run "
+                f"{rounds_of.timing('inference_ms'):.2f}) + the rest {total - served:.2f}"
             )
         report.figure(
             f"{model}, where the time goes (medians, ms, 1 in flight): {'; '.join(parts)} "
             "(the rest: encoding the result and the way there and back)"
         )
     report.figure(
-        f"HTTP side: {versions()}, sync def endpoint (FastAPI's threadpool), one interpreter "
-        f"behind a lock, keep-alive http.client connections; run took "
+        f"HTTP side: {versions()}, sync def endpoint (FastAPI's threadpool) and async def "
+        f"endpoint (on the event loop), one interpreter behind a lock, keep-alive http.client "
+        f"connections; run took "
         f"{time.perf_counter() - began:.0f} s"
     )
     if not args.no_save:

@@ -3,11 +3,13 @@
     python -m bench.latency [--brokers mosquitto,amqtt] [--no-save]
 
 For each broker, one node serves the digits CNN and MobileNetV2 (int8), one worker with
-one runtime thread each, and in the same run:
+one runtime thread each; requests go through the coordinator (the hub), which gives each to
+the node as work and forwards its answer. In the same run:
 1. latency: requests one at a time, end to end (publish to result received), against
    (a) the bare interpreter's run time for the same input and (b) the round-trip floor: a
-   bare paho echo through the same broker with the same payload. Goal: p50 end to end
-   minus the run time <= 1.5 x the floor's p50.
+   bare paho echo through the same broker with the same payload (on a topic prefix the
+   coordinator does not serve). Goal: p50 end to end minus the run time <= 1.5 x the
+   floor's p50 (through the hub a request makes two round trips, the echo one).
 2. throughput with 8 requests in flight, against the bare interpreter running the same
    input back to back with the same number of threads. Goal: >= 90 %.
 Frames go as raw tensors where the model takes uint8 (no decoding), as PNG for digits.
@@ -77,7 +79,7 @@ def one_broker(kind: str, count: int, reps: int, report: Report) -> None:
             work = payloads()
             for name, (path, _) in work.items():
                 cluster.deploy("--model", str(path), "--name", name)
-            echo = Echo(cluster.broker, cluster.prefix)
+            echo = Echo(cluster.broker, cluster.aside("echo"))
             loads = {name: Load(cluster.broker, cluster.prefix, name) for name in work}
             try:
                 figures = {

@@ -1,7 +1,10 @@
 """`make bench`: every benchmark, one after another, each against its baseline in the same
 run; each prints one line per figure and appends them to bench/RESULTS.md.
 
-    python -m bench.run [--only latency,pool,...] [--no-save]
+    python -m bench.run [--only loopback,pool,...] [--no-save]
+
+`pool` and `site` need root (cgroups; network namespaces and tc) and what bench/setup.sh
+installs (HAProxy); `make bench` runs that first.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from bench.common import REPO
 
 # name -> module; the order keeps the quick ones first
 BENCHMARKS = {
-    "latency": "bench.latency",  # 1, 2 and 5: latency overhead, single-node throughput, brokers
-    "pool": "bench.pool",  # 3: heterogeneous pool
-    "scale": "bench.scale",  # 4: coordinator at 1000 nodes
-    "http": "bench.http",  # 6: against a FastAPI + uvicorn endpoint
+    "loopback": "bench.loopback",  # digits latency: the hand-written node, async FastAPI
+    "scale": "bench.scale",  # the coordinator with 1000 simulated nodes
+    "latency": "bench.latency",  # latency overhead and one node's throughput, two brokers
+    "http": "bench.http",  # against FastAPI + uvicorn endpoints (sync and async)
+    "pool": "bench.pool",  # heterogeneous pool (CPU quotas) against HAProxy leastconn
     "pipeline": "bench.pipeline",  # a 2-stage pipeline against the whole model
+    "site": "bench.site",  # an emulated edge site: link bytes, throughput, delayed latency
 }
 
 

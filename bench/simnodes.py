@@ -1,11 +1,15 @@
 """Simulated nodes for the scale benchmark: many MQTT sessions that speak the real protocol.
 
-Each simulated node has its own paho client, client id, session and Will, and publishes what
-node/agent.py publishes (retained caps and `online`, then a retained QoS 0 heartbeat every
-second), built from the protocol's own models and topic builders; it answers `ping` and
-`announce` on its command topic and refuses anything else. A `Simulator` drives a few hundred
-of them from one selector loop in its own process; `Simulators` starts those processes and
-collects what they report, so a thousand nodes fit on a small machine.
+Each simulated node has its own paho client, client id, session and Will, subscribes to what
+node/agent.py subscribes to (its command, state and work topics, and the coordinator's state
+and heartbeat), and publishes what it publishes (retained caps and `online`, then a retained
+QoS 0 heartbeat every second), built from the protocol's own models and topic builders; it
+answers `ping` and `announce` on its command topic and refuses anything else. It runs no
+replica (no work comes to it) and reads the coordinator's messages without acting on them
+(a real node answers requests `unavailable` itself only when the hub falls silent). A
+`Simulator` drives a few hundred of them from one selector loop in its own process;
+`Simulators` starts those processes and collects what they report, so a thousand nodes fit
+on a small machine.
 """
 
 from __future__ import annotations
@@ -118,6 +122,7 @@ class SimNode:
         self.t_beat = topics.node_heartbeat(node_id)
         self.t_cmd = topics.node_cmd(node_id)
         self.t_reply = topics.node_reply(node_id)
+        self.t_work = topics.node_work(node_id)
         self.client: mqtt.Client | None = None
         self.session = 0
         self.seq = 0
@@ -201,8 +206,18 @@ class SimNode:
             return
         self.connected = True
         self.sim.stats.last_connack = time.time()
-        # [T-CMD-1] subscribe before birth; the own state topic to re-assert a stale 'lost'.
-        client.subscribe([(self.t_cmd, 1), (self.t_state, 1)])
+        # [T-CMD-1] subscribe before birth; the own state topic to re-assert a stale 'lost';
+        # [T-WORK-1] the own work topic (a simulated node runs no replica: none comes);
+        # [T-HUB-4] the coordinator's state and heartbeats, as a node watches the hub.
+        client.subscribe(
+            [
+                (self.t_cmd, 1),
+                (self.t_state, 1),
+                (self.t_work, 1),
+                (self.sim.topics.coordinator_state(), 1),
+                (self.sim.topics.coordinator_heartbeat(), 0),
+            ]
+        )
 
     def _on_subscribe(
         self, client: mqtt.Client, _u: Any, _mid: int, _codes: list[ReasonCode], _p: Any
@@ -248,6 +263,8 @@ class SimNode:
         return True
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic in self.sim.coordinator_topics:
+            return  # read, as a node reads them, and left there
         try:
             kind = self.sim.topics.parse(msg.topic).kind
         except ValueError:
@@ -338,6 +355,10 @@ class Simulator:
     def __init__(self, kit: Kit, ids: list[str], published: Synchronized[int]) -> None:
         self.kit = kit
         self.topics = Topics(kit.prefix)
+        self.coordinator_topics = {
+            self.topics.coordinator_state(),
+            self.topics.coordinator_heartbeat(),
+        }
         self.selector = selectors.DefaultSelector()
         self.sessions = SessionCounter()
         self.published = published

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from amqtt.broker import Broker
@@ -78,6 +78,39 @@ def broker_config(host: str, port: int) -> dict[str, Any]:
 
 
 ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+
+
+class _Snapshots(dict[str, Any]):
+    """amqtt's table of subscriptions, iterated over a copy.
+
+    amqtt 0.12.1 walks this table with `await`s inside the loop (when a client connects,
+    and for every message it broadcasts); a subscription made by another client meanwhile
+    changes its size, the walk raises, and the client being served loses its connection.
+    """
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().keys()))
+
+    def items(self) -> Any:
+        return list(super().items())
+
+
+class _Broker(Broker):  # type: ignore[misc]
+    """amqtt's broker with two faults mended (see `serve`)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self._subscriptions = _Snapshots(self._subscriptions)  # type: ignore[has-type]
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Any
+    ) -> None:
+        # amqtt 0.12.1 also calls this when any client connects, once for every filter
+        # any client holds: a new client got every retained message others subscribed
+        # to (every model's chunks). Only a filter this client holds brings it messages.
+        holders = self._subscriptions.get(subscription[0], [])
+        if any(held.client_id == session.client_id for held, _qos in holders):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
 
 
 def _quiet_disconnect_races(previous: ExceptionHandler | None) -> ExceptionHandler:
@@ -165,7 +198,7 @@ async def serve(host: str, port: int, stop: asyncio.Event) -> None:
     previous_handler = loop.get_exception_handler()
     loop.set_exception_handler(_quiet_disconnect_races(previous_handler))
     try:
-        broker = Broker(broker_config(host, port))
+        broker = _Broker(broker_config(host, port))
         try:
             await broker.start()
         except Exception as exc:

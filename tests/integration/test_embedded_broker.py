@@ -208,3 +208,95 @@ def test_signal_stops_broker_cleanly(running_broker: BrokerProcess, sig: signal.
     finally:
         client.loop_stop()
     assert "Traceback" not in running_broker.stderr_after_exit()
+
+
+def _connected(client_id: str, port: int, got: queue.Queue[str]) -> mqtt.Client:
+    client = mqtt_client(client_id, MQTTProtocolVersion.MQTTv311)
+    client.on_message = lambda _c, _u, msg: got.put(msg.topic)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
+def _retain(port: int, topics: list[str]) -> None:
+    pub = mqtt_client("it-retainer", MQTTProtocolVersion.MQTTv311)
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    try:
+        for topic in topics:
+            pub.publish(topic, b"kept", qos=1, retain=True).wait_for_publish(timeout=WAIT)
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+
+
+def test_a_new_client_gets_only_the_retained_messages_it_subscribed_to(
+    running_broker: BrokerProcess,
+) -> None:
+    """amqtt 0.12.1 sends a client that connects every retained message matching any
+    filter some other client holds; the embedded broker sends only what it asked for."""
+    port = running_broker.port
+    _retain(port, ["it/models/a", "it/models/b"])
+    holder_got: queue.Queue[str] = queue.Queue()
+    holder = _connected("it-holder", port, holder_got)
+    newcomer_got: queue.Queue[str] = queue.Queue()
+    newcomer = None
+    try:
+        holder.subscribe("it/models/+", qos=1)
+        assert {holder_got.get(timeout=WAIT), holder_got.get(timeout=WAIT)} == {
+            "it/models/a",
+            "it/models/b",
+        }
+        newcomer = _connected("it-newcomer", port, newcomer_got)
+        newcomer.subscribe("it/own", qos=1)
+        time.sleep(0.3)  # let the SUBACK come before the marker
+        newcomer.publish("it/own", b"marker", qos=1).wait_for_publish(timeout=WAIT)
+        seen = [newcomer_got.get(timeout=WAIT)]
+        while seen[-1] != "it/own":
+            seen.append(newcomer_got.get(timeout=WAIT))
+        assert seen == ["it/own"]
+    finally:
+        for client in (holder, newcomer):
+            if client is not None:
+                client.disconnect()
+                client.loop_stop()
+
+
+def test_clients_that_connect_while_others_subscribe_keep_their_connections(
+    running_broker: BrokerProcess,
+) -> None:
+    """amqtt 0.12.1 walks its subscription table with awaits inside; a subscription made
+    meanwhile broke the walk and dropped the connecting client's connection."""
+    port = running_broker.port
+    _retain(port, [f"it/kept/{i}" for i in range(50)])
+    drops: list[str] = []
+    clients: list[mqtt.Client] = []
+
+    def join(n: int) -> None:
+        client = mqtt_client(f"it-joiner-{n}", MQTTProtocolVersion.MQTTv311)
+        client.on_disconnect = lambda _c, _u, _f, rc, _p: drops.append(f"{n}: {rc}")
+        client.on_message = lambda _c, _u, _msg: None
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        clients.append(client)
+        for i in range(50):  # each one new to the table, while others connect
+            client.subscribe(f"it/kept/{i}/+/{n}", qos=1)
+            client.subscribe(f"it/kept/{i}", qos=1)
+
+    try:
+        for wave in range(4):
+            joiners = [threading.Thread(target=join, args=(wave * 10 + n,)) for n in range(10)]
+            for t in joiners:
+                t.start()
+            for t in joiners:
+                t.join(WAIT)
+        time.sleep(1.0)
+        assert drops == []
+        assert running_broker.proc.poll() is None
+    finally:
+        for client in clients:
+            client.disconnect()
+            client.loop_stop()
+    running_broker.proc.terminate()
+    running_broker.proc.wait(timeout=WAIT)
+    assert "changed size during iteration" not in running_broker.stderr_after_exit()

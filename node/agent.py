@@ -294,7 +294,7 @@ class NodeAgent:
         elif kind is Kind.COORDINATOR_HEARTBEAT:
             self.fallback.on_heartbeat(time.monotonic())
         elif kind is Kind.COORDINATOR_STATE:
-            self.fallback.on_state(message.payload)
+            self.fallback.on_state(message.payload, time.monotonic())
         elif kind is Kind.SERVICE_REQUEST:  # only while cut off from the hub
             self.fallback.on_request(conn, ref, message, time.monotonic())
 

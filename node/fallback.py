@@ -51,13 +51,18 @@ class Fallback:
             self._beat = now
             self.subscribed = False
 
-    def on_state(self, payload: bytes) -> None:
+    def on_state(self, payload: bytes, now: float) -> None:
+        """The coordinator's state. One that says `online` is contact too: a bridge that
+        reconnects brings the retained state with it, a heartbeat interval before the next
+        heartbeat, and from then on a request here also reaches the hub, which answers it."""
         try:
             state = codec.decode_as(m.CoordinatorState, payload) if payload else None
         except ProtocolError:
             return
         with self._lock:
             self._state = state
+            if state is not None and state.state == "online":
+                self._beat = now
 
     def on_heartbeat(self, now: float) -> None:
         with self._lock:

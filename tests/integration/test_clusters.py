@@ -288,10 +288,17 @@ def test_a_site_bridged_to_the_hub(bridged: BridgedMosquittos, procs: Procs, pre
         lost, doubled = tally(after)
         assert (lost, doubled) == ([], [])
         assert all(rs[0]["ok"] for rs in after.values())
-        # Nothing sent during the cut was answered a second time once the bridge was back.
         with at_site.lock:
-            twice = [r for r, rs in at_site.results.items() if len(rs) > 1]
-        assert twice == [], twice
+            twice = {r: [a["ok"] for a in rs] for r, rs in at_site.results.items() if len(rs) > 1}
+        # At the moment the bridge comes back, a request can reach the hub and also a node
+        # that has not heard from the hub yet (its retained state is on its way): the node
+        # answers it `unavailable` and the hub serves it (topics.md, [T-HUB-4]). Only the
+        # requests sent while waiting for that moment ("back...") may be, and then only so.
+        edge = {r: oks for r, oks in twice.items() if r.startswith("back")}
+        print(f"bridge back: {len(edge)} request(s) answered 'unavailable', then served")
+        assert all(sorted(oks) == [False, True] for oks in edge.values()), edge
+        # Nothing sent during the cut, or after, was answered a second time.
+        assert {r: oks for r, oks in twice.items() if r not in edge} == {}
     finally:
         at_site.close()
         at_hub.close()

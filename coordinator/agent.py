@@ -316,6 +316,7 @@ class CoordinatorAgent:
             request_id=replies.request_id(ref, corr, None, key),
             id_fixed=fixed,
             mid=message.mid if message.qos else 0,
+            refused=replies.response_refused(self.topics, message.response_topic) or "",
         )
 
     def _answer(self, ref: Ref, message: Message, now: float) -> list[Dispatch]:

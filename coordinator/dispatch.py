@@ -72,6 +72,7 @@ class Incoming:
     request_id: str  # [T-REQ-2], as far as the hub can tell without reading the body
     id_fixed: bool  # the id came from the topic or the correlation data
     mid: int = 0
+    refused: str = ""  # why the response topic was not used ([T-SERVE-5]): answered so
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,8 @@ class Dispatcher:
                 return self._refuse(incoming, Code.BUSY, "the dispatcher is starting; retry")
             self._waiting.append((incoming, now))
             return []
+        if incoming.refused:
+            return self._refuse(incoming, Code.BAD_TOPIC, incoming.refused)
         self.counters.accepted += 1
         spec = self.specs.get(incoming.service)
         if spec is None:

@@ -40,3 +40,11 @@ class ProtocolError(ValueError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+def shorten(value: str, limit: int = 60) -> str:
+    """A value quoted for an error message, cut to `limit` characters: a hostile sender
+    chooses what it sends, and an error must not echo a megabyte back."""
+    if len(value) <= limit:
+        return repr(value)
+    return repr(value[:limit]) + f"... ({len(value)} characters)"

@@ -195,6 +195,11 @@ class Topics:
             levels.append(check_id(request_id, "request id"))
         return self._join(*levels)
 
+    def replies_root(self) -> str:
+        """`{prefix}/replies`: under it, requesters' own MQTT 5 response topics
+        ([T-SERVE-5]); the ACL gives each account `replies/<its name>/#`."""
+        return self._join("replies")
+
     # artifacts
     def artifact_meta(self, sha256: str) -> str:
         return self._join("artifacts", check_sha256(sha256), "meta")

@@ -407,3 +407,36 @@ def test_a_full_disk_is_a_storage_failure_not_a_traceback(
         for p in procs.all:
             p.kill9()
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_response_topic_inside_the_tree_is_not_written_for_a_requester(
+    mosquitto: Broker, prefix: str, procs: Procs
+) -> None:
+    """[T-SERVE-5] a request whose MQTT 5 response topic is a node's `work` topic (where
+    the coordinator's account may write) is answered `bad_topic` on the result topic; the
+    hub publishes nothing on that node's topic."""
+    rr = need_client_tool("mosquitto_rr")
+    coordinator = start_coordinator(mosquitto, prefix)
+    obs = Observer(mosquitto, prefix)
+    t = Topics(prefix)
+    try:
+        procs.node(mosquitto, prefix, "n1")
+        wait_for(lambda: coordinator.state("n1") == "online", "n1 online")
+        deploy(mosquitto, prefix, "--model", str(DIGITS / "digits_int8.tflite"), "--name", "d")
+        ready_on(obs, prefix, "d", 1)
+        body = orjson.dumps({"inputs": [[[[0.0]] * 8] * 8]}).decode()
+        request, target = t.service_request("d", "evil-1"), t.node_work("n1")
+        subprocess.run(
+            [rr, "-p", str(mosquitto.port), "-t", request, "-e", target, "-m", body, "-W", "3"],
+            capture_output=True,
+            timeout=30,
+        )  # it waits for an answer on the work topic that never comes
+        [answer] = wait_for(lambda: obs.seen(t.service_result("d", "evil-1")), "the refusal")
+        assert answer["ok"] is False and answer["error"]["code"] == "bad_topic"
+        assert f"not under {prefix}/replies/" in answer["error"]["message"]
+        with obs.lock:
+            on_work = [p for topic, p, _ in obs.log if topic == t.node_work("n1")]
+        assert all(b"evil-1" not in p for p in on_work) and len(on_work) <= 1
+    finally:
+        obs.close()
+        coordinator.shutdown()

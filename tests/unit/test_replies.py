@@ -74,3 +74,22 @@ def test_result_topic() -> None:
 def test_valid_id() -> None:
     assert valid_id(b"cam-1") and not valid_id(b"a/b") and not valid_id(None)
     assert not valid_id(b"") and not valid_id(b"\xff")
+
+
+def test_response_topics_inside_the_tree_must_be_under_replies() -> None:
+    """[T-SERVE-5] a requester's response topic: anywhere outside the prefix, or under
+    {prefix}/replies/; never another part of the tree, never a wildcard."""
+    from mqinfer.protocol.replies import response_refused
+
+    plain = T.parse(REQUEST)
+    assert response_refused(T, None) is None
+    assert response_refused(T, "my/inbox") is None
+    assert response_refused(T, "mqinfer/replies/cam-1/x") is None
+    assert response_refused(T, "mqinferx/nodes/n1/work") is None  # another prefix
+    for topic in ("mqinfer/nodes/n1/work", "mqinfer/services/d/spec", "mqinfer", "mqinfer/replies"):
+        why = response_refused(T, topic)
+        assert why is not None and "not under mqinfer/replies/" in why
+        assert result_topic(T, "digits", plain, topic) == "mqinfer/services/digits/result"
+    assert "wildcard" in (response_refused(T, "my/+/inbox") or "")
+    long = "mqinfer/nodes/" + "x" * 5000
+    assert len(response_refused(T, long) or "") < 400

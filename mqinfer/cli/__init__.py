@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mqinfer import demo, deploy, infer, split
+from mqinfer import accounts, demo, deploy, infer, split
 from mqinfer.cli import broker, coordinator, node
 
 
@@ -23,6 +23,7 @@ def parser() -> argparse.ArgumentParser:
     infer.add_parser(sub)
     split.add_parser(sub)
     demo.add_parser(sub)
+    accounts.add_parser(sub)
     return p
 
 

@@ -1,4 +1,5 @@
-"""Options every command shares: broker URL, topic prefix, MQTT version, logging, signals."""
+"""Options every command shares: broker URL and credentials, TLS files, topic prefix, MQTT
+version, logging, signals."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from types import FrameType
+from urllib.parse import urlsplit
 
 from mqinfer.mqtt import DEFAULT_BROKER, BrokerURL, parse_brokers
+from mqinfer.mqtt.url import TLSFileError, TLSFiles
 from mqinfer.protocol.topics import (
     DEFAULT_PREFIX,
     TopicError,
@@ -50,7 +55,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--broker",
         action="append",
-        help="broker URL mqtt://[user:pass@]HOST:PORT or mqtts://...; repeat it (or separate "
+        help="broker URL mqtt://[user@]HOST:PORT or mqtts://...; repeat it (or separate "
         "URLs with commas) for the members of a clustered broker, tried in turn "
         f"(env MQINFER_BROKER; default {DEFAULT_BROKER})",
     )
@@ -71,6 +76,40 @@ def add_common(parser: argparse.ArgumentParser) -> None:
         choices=["debug", "info", "warning", "error"],
         help="log verbosity on stderr (env MQINFER_LOG_LEVEL; default %(default)s)",
     )
+    c = parser.add_argument_group(
+        "broker credentials and TLS",
+        "A password in the broker URL is visible to other users in `ps`: give it in a file "
+        "or in MQINFER_PASSWORD instead. Any --tls-* option makes a URL without a scheme "
+        "mqtts:// (port 8883).",
+    )
+    c.add_argument(
+        "--username",
+        metavar="NAME",
+        help="user name to log in to the broker with (env MQINFER_USERNAME)",
+    )
+    c.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="read the password from the first line of FILE (env MQINFER_PASSWORD_FILE; "
+        "or the password itself in env MQINFER_PASSWORD)",
+    )
+    c.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="PEM file of the CA certificates that sign the broker's certificate "
+        "(env MQINFER_TLS_CA; default with TLS: the system's CAs)",
+    )
+    c.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM client certificate (chain) for mutual TLS; needs --tls-key "
+        "(env MQINFER_TLS_CERT)",
+    )
+    c.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        help="unencrypted PEM private key of --tls-cert (env MQINFER_TLS_KEY)",
+    )
 
 
 def resolve(
@@ -82,14 +121,139 @@ def resolve(
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
-        url = parse_brokers(args.broker or env("BROKER", DEFAULT_BROKER))
+        creds = credentials(args, os.environ)
+        urls = brokers(args, os.environ, creds, warn=lambda line: _warn(parser, line))
     except ValueError as e:
         parser.error(str(e))
     try:
         topics = Topics(args.prefix)
     except TopicError as e:
         parser.error(f"--prefix: {e}")
-    return url, topics
+    return urls, topics
+
+
+def _warn(parser: argparse.ArgumentParser, line: str) -> None:
+    print(f"{parser.prog}: warning: {line}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Who we are to the broker, from the options and the environment (not the URL)."""
+
+    username: str | None = None
+    password: str | None = None
+    tls_files: TLSFiles | None = None  # None: no --tls-* option given
+
+
+MAX_PASSWORD = 65535  # bytes: an MQTT string
+
+
+def credentials(args: argparse.Namespace, environ: Mapping[str, str]) -> Credentials:
+    """The user name, password and TLS files: an option beats its environment variable;
+    --password-file beats MQINFER_PASSWORD_FILE and MQINFER_PASSWORD, which exclude each
+    other. Raise ValueError naming the option or file that is wrong."""
+    username = args.username or environ.get("MQINFER_USERNAME") or None
+    password_file = args.password_file
+    if password_file is None:
+        from_file, plain = environ.get("MQINFER_PASSWORD_FILE"), environ.get("MQINFER_PASSWORD")
+        if from_file and plain is not None:
+            raise ValueError(
+                "MQINFER_PASSWORD and MQINFER_PASSWORD_FILE are both set; keep one of them"
+            )
+        password_file = from_file or None
+        password = plain
+    if password_file is not None:
+        password = read_password(password_file)
+    if password is not None and len(password.encode()) > MAX_PASSWORD:
+        raise ValueError(f"the password is longer than {MAX_PASSWORD} bytes")
+    files = {
+        name: getattr(args, f"tls_{name}") or environ.get(f"MQINFER_TLS_{name.upper()}") or None
+        for name in ("ca", "cert", "key")
+    }
+    if (files["cert"] is None) != (files["key"] is None):
+        given, missing = ("cert", "key") if files["cert"] else ("key", "cert")
+        raise ValueError(
+            f"--tls-{given} needs --tls-{missing} (or MQINFER_TLS_{missing.upper()}): "
+            "a client certificate and its private key go together"
+        )
+    tls_files = None
+    if any(files.values()):
+        tls_files = TLSFiles(files["ca"], files["cert"], files["key"])
+        try:
+            tls_files.context()  # every file read and checked now, not at the first connect
+        except TLSFileError as e:
+            raise ValueError(f"TLS: {e}") from None
+    return Credentials(username, password, tls_files)
+
+
+def read_password(path: str) -> str:
+    """The first line of a password file, without its line ending."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PASSWORD + 2)
+    except OSError as e:
+        raise ValueError(f"password file {path}: cannot read it: {e.strerror or e}") from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise ValueError(f"password file {path}: not UTF-8 text") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise ValueError(f"password file {path}: empty (expected the password on its first line)")
+    return password
+
+
+def brokers(
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    creds: Credentials,
+    warn: Callable[[str], None],
+) -> list[BrokerURL]:
+    """The broker URLs with the credentials and TLS files applied to each. A password in
+    a --broker URL works, with a warning; given twice (URL and option), it is an error."""
+    tls = creds.tls_files is not None
+    if args.broker:
+        texts, where = list(args.broker), "--broker"
+    elif environ.get("MQINFER_BROKER"):
+        texts, where = [environ["MQINFER_BROKER"]], "MQINFER_BROKER"
+    else:  # the default broker; over TLS (mqtts://127.0.0.1:8883) when TLS files were given
+        texts, where = [(urlsplit(DEFAULT_BROKER).hostname or "") if tls else DEFAULT_BROKER], ""
+    urls = parse_brokers(texts, tls_default=tls)
+    out = []
+    for url in urls:
+        if url.password is not None:
+            if creds.password is not None:
+                raise ValueError(
+                    f"the password is given twice: in {where} {url} and by "
+                    "--password-file, MQINFER_PASSWORD_FILE or MQINFER_PASSWORD; keep one"
+                )
+            if where == "--broker":
+                warn(
+                    f"the password in --broker {url} is visible to other users in `ps`; "
+                    "use --password-file FILE, MQINFER_PASSWORD_FILE or MQINFER_PASSWORD"
+                )
+        if url.username and creds.username and url.username != creds.username:
+            raise ValueError(
+                f"two user names: {url.username!r} in {where} {url} and {creds.username!r} "
+                "by --username or MQINFER_USERNAME; keep one"
+            )
+        username = url.username or creds.username
+        password = url.password if url.password is not None else creds.password
+        if password is not None and username is None:
+            raise ValueError(
+                f"a password needs a user name for {url}: give --username NAME "
+                "(or MQINFER_USERNAME, or NAME@ in the URL)"
+            )
+        if tls and not url.tls:
+            warn(
+                f"{url} asks for plain MQTT, so the --tls-* options are not used for it; "
+                "write mqtts:// (or leave out the scheme) to connect over TLS"
+            )
+        url = replace(url, username=username, password=password)
+        if creds.tls_files is not None and url.tls:
+            url = replace(url, tls_files=creds.tls_files)
+        out.append(url)
+    return out
 
 
 def stop_on_signals() -> threading.Event:

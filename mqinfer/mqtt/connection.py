@@ -34,7 +34,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from mqinfer.mqtt.url import Brokers, BrokerURL
+from mqinfer.mqtt.url import Brokers, BrokerURL, TLSFileError
 
 log = logging.getLogger("mqinfer.mqtt")
 
@@ -149,6 +149,7 @@ class Connection:
         self._thread: threading.Thread | None = None
         self._waker: tuple[socket.socket, socket.socket] | None = None  # of the network thread
         self._tls: mqtt.Client | None = None  # the client TLS was set up on
+        self._socket_error: str | None = None  # why the socket failed before CONNACK
 
     def set_will(self, will: Will | None) -> None:
         """The Will of the next connection (a persistent connection names its session)."""
@@ -239,12 +240,19 @@ class Connection:
         if self.url.username is not None:
             client.username_pw_set(self.url.username, self.url.password)
         if self.url.tls and self._tls is not client:  # paho allows it once per client
-            client.tls_set_context(ssl.create_default_context())
+            try:
+                context = self.url.tls_files.context()
+            except TLSFileError as e:
+                raise ConnectError(f"cannot connect to {self.url}: {e}") from None
+            client.tls_set_context(context)
             self._tls = client
+        # Only until the CONNACK: paho formats every log line for it, a cost per message.
+        client.on_log = self._handle_log if self.url.tls else None
 
     def _open(self, version: str, timeout: float) -> None:
         self._connack.clear()
         self._connack_rc = None
+        self._socket_error = None
         self.taken_over = False
         client = self._client
         if client is None or self.persistence is None or self.version != version:
@@ -284,6 +292,13 @@ class Connection:
             self.drop()
             raise ConnectError(f"{self.url} did not answer CONNECT within {timeout:.0f} s")
         rc = self._connack_rc
+        if rc is None and self._socket_error is not None:  # a TLS alert (no certificate...)
+            self.drop()
+            raise ConnectError(
+                f"{self.url} closed the TLS connection before answering CONNECT "
+                f"({self._socket_error}): does it want a client certificate signed by a CA "
+                "it trusts?"
+            )
         if rc is None:  # the broker closed the connection without a CONNACK
             self.drop()
             if version == "5":
@@ -352,6 +367,7 @@ class Connection:
         self, _c: mqtt.Client, _u: Any, flags: Any, rc: ReasonCode, _p: Properties | None
     ) -> None:
         self._connack_rc = rc
+        _c.on_log = None
         self.session_present = bool(getattr(flags, "session_present", False))
         if not rc.is_failure and self._on_connect is not None:
             try:
@@ -359,6 +375,12 @@ class Connection:
             except Exception:  # a handler bug must not kill the network loop
                 log.exception("error handling the connection to %s", self.url)
         self._connack.set()
+
+    def _handle_log(self, _c: mqtt.Client, _u: Any, level: int, text: str) -> None:
+        """Keep why the socket failed before a CONNACK (a broker's TLS alert comes as a
+        failed read: the only place paho tells it)."""
+        if level == mqtt.MQTT_LOG_ERR and self._connack_rc is None and "(_ssl.c:" in text:
+            self._socket_error = text.removeprefix("failed to receive on socket: ")
 
     def _handle_disconnect(
         self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None

@@ -1,8 +1,8 @@
 """`mqinfer deploy` and `mqinfer undeploy`: desired state in, status out.
 
 Deploying uploads the model artifact (unless the broker has it), publishes the retained
-service spec, and with --wait follows the retained status until the coordinator reports
-the service ready or failed.
+service spec (signed with --sign-key), and with --wait follows the retained status until
+the coordinator reports the service ready or failed.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from mqinfer import options
+from mqinfer.keys import KeyFileError, load_private_key
 from mqinfer.mqtt import Brokers, Connection, Message, MQTTError
-from mqinfer.protocol import codec
+from mqinfer.protocol import codec, signing
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import ProtocolError
 from mqinfer.protocol.statuses import Statuses
@@ -124,10 +127,14 @@ def deploy(
     protocol: str = "auto",
     reupload: bool = False,
     pipeline: PipelineFiles | None = None,
+    sign_key: Ed25519PrivateKey | None = None,
 ) -> int:
-    """Upload the model (or, for a pipeline, each segment) and publish the spec."""
+    """Upload the model (or, for a pipeline, each segment) and publish the spec, signed
+    with `sign_key` if given (one signature covers every segment's sha256)."""
     revision = uuid.uuid4().hex[:12]
     spec = service_spec(spec_file, model, revision, pipeline.pipeline if pipeline else None)
+    if sign_key is not None:
+        spec = signing.signed(spec, sign_key)
     follower = _Follower(topics, spec.name)
     conn = _connect(url, protocol, follower, "deploy")
     try:
@@ -150,7 +157,11 @@ def deploy(
             )
         conn.subscribe(follower.filters())
         conn.publish_wait(topics.service_spec(spec.name), codec.encode(spec), retain=True)
-        print(f"service {spec.name}: spec published (revision {revision})", file=sys.stderr)
+        signed_by = f", signed by key {spec.signature.key}" if spec.signature else ""
+        print(
+            f"service {spec.name}: spec published (revision {revision}{signed_by})",
+            file=sys.stderr,
+        )
         if wait is None:
             return 0
 
@@ -260,6 +271,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         help="upload the model even if the broker already has an artifact with its hash "
         "(repairs a damaged copy that nodes refuse)",
     )
+    p.add_argument(
+        "--sign-key",
+        type=Path,
+        default=options.env("SIGN_KEY", "") or None,
+        metavar="FILE",
+        help="sign the spec with this Ed25519 private key (NAME.key of `mqinfer keys "
+        "generate`); nodes started with --trust-key run only signed specs "
+        "(env MQINFER_SIGN_KEY)",
+    )
     _add_wait(p, "until the service is ready or failed")
     options.add_common(p)
     p.set_defaults(func=_run_deploy, parser=p)
@@ -302,6 +322,12 @@ def _run_deploy(args: argparse.Namespace) -> int:
         if not sep or not key:
             parser.error(f"--label: expected KEY=VALUE, got {text!r}")
         labels[key] = value
+    sign_key = None
+    if args.sign_key is not None:
+        try:
+            sign_key = load_private_key(args.sign_key)
+        except KeyFileError as e:
+            parser.error(f"--sign-key: {e}")
     try:
         if args.spec is not None:
             spec_file, path = read_spec_file(args.spec)
@@ -332,6 +358,7 @@ def _run_deploy(args: argparse.Namespace) -> int:
                 args.mqtt_version,
                 args.reupload,
                 pipeline,
+                sign_key,
             )
     except (SpecFileError, SplitError, ValueError) as e:
         print(f"mqinfer deploy: {e}", file=sys.stderr)

@@ -6,7 +6,9 @@ replicas happen one at a time on the provisioning thread; fetching a model's art
 happens side by side in the Fetcher, so a deploy whose model is missing from the broker
 fails on its own after a short wait and never holds up another. A newer command for the
 same slot supersedes an older one that has not finished (`superseded`), so a re-sent or
-replaced deploy does not load a model twice.
+replaced deploy does not load a model twice. A node given trusted keys checks a deploy's
+signature first, and refuses one not signed by a key it trusts (`untrusted`) before it
+fetches or changes anything.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pydantic import ValidationError
 from mqinfer.mqtt import MQTTError, NotConnected
 from mqinfer.node.replica import Replica
 from mqinfer.protocol import messages as m
+from mqinfer.protocol import signing
 from mqinfer.protocol.errors import Code, ProtocolError
 from mqinfer.protocol.topics import TopicError, check_id
 
@@ -45,6 +48,11 @@ class Provisioning:
         self._lock = threading.Lock()
         self._pending = 0
         self._generation: dict[str, int] = {}  # slot -> number of the newest command for it
+        self.trusted: signing.TrustedKeys = {}  # key id -> public key; empty: run any spec
+
+    def trust(self, keys: signing.TrustedKeys) -> None:
+        """Run only specs signed by one of these keys from now on (empty: any spec)."""
+        self.trusted = dict(keys)
 
     # ---- the network thread -------------------------------------------------------------
 
@@ -52,6 +60,8 @@ class Provisioning:
         """Queue a deploy or undeploy; raise ProtocolError to have it answered at once."""
         if cmd.op == "deploy":
             spec = _spec(cmd)
+            if self.trusted:
+                signing.verify(spec, self.trusted)  # raises untrusted
             stage = _stage(cmd, spec)
             slots = [m.slot(spec.name, stage)]
             self.agent.store.path(spec.for_stage(stage).artifact, spec.format)  # checks ids

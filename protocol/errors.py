@@ -31,6 +31,7 @@ class Code(StrEnum):
     SUPERSEDED = "superseded"  # a newer command for the same service replaced this one
     UNSUPPORTED_FORMAT = "unsupported_format"  # no runtime on the node runs this format
     LOAD_FAILED = "load_failed"  # the runtime refused the model file
+    UNTRUSTED = "untrusted"  # a node with trusted keys got a spec unsigned or not signed by one
 
 
 class ProtocolError(ValueError):

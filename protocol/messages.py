@@ -6,6 +6,7 @@ can add fields without breaking older ones; `v` is the major protocol version ([
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -225,6 +226,47 @@ class Constraints(BaseModel):
     )
 
 
+KEY_ID_HEX = 16  # a key id: the first 16 hex digits of the sha256 of the raw public key
+SIGNATURE_BYTES = 64  # an Ed25519 signature
+SIGNATURE_B64 = 88  # its standard base64, padded
+
+
+def _check_key_id(value: str) -> str:
+    if len(value) != KEY_ID_HEX or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(
+            f"expected a key id of {KEY_ID_HEX} lowercase hex digits "
+            "(as `mqinfer keys generate` prints)"
+        )
+    return value
+
+
+def _check_sig(value: str) -> str:
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except ValueError:  # binascii.Error and UnicodeEncodeError are ValueErrors
+        raw = b""
+    if len(raw) != SIGNATURE_BYTES:
+        raise ValueError(
+            f"expected the standard base64 of a {SIGNATURE_BYTES}-byte Ed25519 signature "
+            f"({SIGNATURE_B64} characters)"
+        )
+    return value
+
+
+class Signature(BaseModel):
+    """Who vouches for a spec: an Ed25519 signature over the spec without this field
+    (mqinfer.protocol.signing, topics.md §4.6)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    key: Annotated[str, AfterValidator(_check_key_id)] = Field(
+        max_length=KEY_ID_HEX, description="Id of the signing key (16 hex digits)"
+    )
+    sig: Annotated[str, AfterValidator(_check_sig)] = Field(
+        max_length=SIGNATURE_B64, description="Base64 of the 64-byte Ed25519 signature"
+    )
+
+
 class ServiceSpec(Wire):
     """Retained on services/{service}/spec: the desired state of one service."""
 
@@ -252,6 +294,12 @@ class ServiceSpec(Wire):
         None,
         description="A split model: each segment is a stage placed on its own node, chained "
         "through services/{service}/stage/{k}; `artifact` is then the whole model's sha256",
+    )
+
+    signature: Signature | None = Field(
+        None,
+        description="The deployer's signature over the rest of the spec; nodes started with "
+        "trusted keys run only specs that carry a good one",
     )
 
     @property

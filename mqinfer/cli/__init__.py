@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mqinfer import accounts, demo, deploy, infer, split
+from mqinfer import accounts, demo, deploy, infer, keys, split
 from mqinfer.cli import broker, coordinator, node
 
 
@@ -22,6 +22,7 @@ def parser() -> argparse.ArgumentParser:
     deploy.add_parsers(sub)
     infer.add_parser(sub)
     split.add_parser(sub)
+    keys.add_parser(sub)
     demo.add_parser(sub)
     accounts.add_parser(sub)
     return p

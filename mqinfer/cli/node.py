@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 from mqinfer import options
+from mqinfer.keys import KeyFileError, load_public_key
 from mqinfer.mqtt import session
 from mqinfer.node.agent import NodeAgent
 from mqinfer.node.capabilities import probe_host, probe_runtimes
 from mqinfer.node.fetch import META_WAIT
 from mqinfer.node.runtimes import available_backends
+from mqinfer.protocol import signing
 
 log = logging.getLogger("mqinfer.node")
 
@@ -89,8 +92,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "after each run), to try heterogeneous pools on one machine; announced as "
         "artificial_slowdown, never as hardware (default 1: off)",
     )
+    p.add_argument(
+        "--trust-key",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="run only deploys whose spec is signed by this Ed25519 public key (NAME.pub of "
+        "`mqinfer keys generate`); repeatable; others are refused with `untrusted` before "
+        "anything is fetched (env MQINFER_TRUST_KEYS: paths separated by ':' or ','; "
+        "default: no keys, every spec runs)",
+    )
     options.add_common(p)
     p.set_defaults(func=run, parser=p)
+
+
+def trusted_keys(parser: argparse.ArgumentParser, paths: list[Path] | None) -> signing.TrustedKeys:
+    """The keys of --trust-key, or else of MQINFER_TRUST_KEYS; a file that is not an Ed25519
+    public key stops the node with a message saying so."""
+    if paths is None:
+        listed = options.env("TRUST_KEYS", "")
+        paths = [Path(p) for p in re.split(r"[:,]", listed) if p.strip()]
+    keys = []
+    for path in paths:
+        try:
+            keys.append(load_public_key(path))
+        except KeyFileError as e:
+            parser.error(f"--trust-key: {e}")
+    return signing.trusted(keys)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,6 +153,11 @@ def run(args: argparse.Namespace) -> int:
             node_id,
             args.artificial_slowdown,
         )
+    trusted = trusted_keys(args.parser, args.trust_key)
+    if trusted:
+        log.info("node %s: runs only specs signed by trusted keys %s", node_id, ", ".join(trusted))
+    else:
+        log.info("node %s: no trusted keys (--trust-key): runs any spec, signed or not", node_id)
     backends = available_backends()
     agent = NodeAgent(
         node_id,
@@ -140,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         max_model_bytes=int(args.max_model_mb * 2**20) if args.max_model_mb else None,
         artifact_wait=args.artifact_wait,
     )
+    agent.provisioning.trust(trusted)
     stop = options.stop_on_signals()
     try:
         return session.run(agent, url, stop, protocol=args.mqtt_version)

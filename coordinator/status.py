@@ -122,8 +122,28 @@ def _replica_view(name: str, r: m.ReplicaStatus, registry: Registry) -> dict[str
     return view
 
 
+def service_line(status: m.ServiceStatus) -> str:
+    """A service's state and where it runs, each word once: 'ready on edge-1, edge-2';
+    replicas that are not ready follow with their state: 'degraded on edge-1 (edge-2
+    deploying)'; a pipeline's replicas name their stage: 'ready on edge-1 [stage 0], ...'."""
+
+    def where(r: m.ReplicaStatus) -> str:
+        return r.node if r.stage is None else f"{r.node} [stage {r.stage}]"
+
+    ready = [where(r) for r in status.replicas if r.state == "ready"]
+    others = [f"{where(r)} {r.state}" for r in status.replicas if r.state != "ready"]
+    text: str = status.state
+    if ready:
+        text += " on " + ", ".join(ready)
+    if others:
+        text += " (" + ", ".join(others) + ")"
+    return text
+
+
 def _where(r: dict[str, Any]) -> str:
-    text = f"{r['node']} {r['state']}"
+    """A replica in the REPLICAS column; its state only when not ready (the count before
+    the list says how many are)."""
+    text = r["node"] if r["state"] == "ready" else f"{r['node']} {r['state']}"
     if "stage" in r:
         text = f"[{r['stage']}] {text}"
     if r.get("inference_ms") is not None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 from mqinfer import deploy, infer
 from mqinfer.broker.ports import free_port, port_is_free
@@ -34,13 +35,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "a coordinator and two nodes as separate processes, wait until both nodes are online, "
         "deploy the digits classifier (models/digits/service.yaml) on both, classify the "
         "sample digits in models/digits/samples, print the cluster status, then stop "
-        "everything (or keep it running with --keep).",
+        "everything (or keep it running with --keep). SIGTERM stops it and everything it "
+        "started, as Ctrl-C does.",
     )
     p.add_argument("--port", type=int, default=1883, help="preferred broker port (default 1883)")
     p.add_argument(
-        "--keep", action="store_true", help="keep the cluster running until Ctrl-C, to explore it"
+        "--keep",
+        action="store_true",
+        help="keep the cluster running until Ctrl-C or SIGTERM, to explore it",
     )
     p.set_defaults(func=run, parser=p)
+
+
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM (what `timeout`, systemd and CI send) unwind like Ctrl-C, so that the
+    broker, coordinator and nodes started here are stopped too instead of left running.
+    A second SIGTERM while they are being stopped is ignored: the stopping is bounded."""
+
+    def handler(_sig: int, _frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 @contextmanager
@@ -107,6 +123,7 @@ def _wait_listening(port: int, deadline: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _stop_on_sigterm()
     port = args.port
     if not port_is_free(HOST, port):
         port = free_port(HOST)
@@ -157,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
                 )
                 print(f"     mqinfer infer digits {DIGITS}/samples/*.png --broker {broker_url}")
                 print(f"     mqinfer status --broker {broker_url}")
-                print("demo: running; Ctrl-C stops it")
+                print("demo: running; Ctrl-C (or SIGTERM) stops it")
                 try:
                     while broker.poll() is None:
                         time.sleep(0.5)

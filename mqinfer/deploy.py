@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mqinfer import options
+from mqinfer.coordinator import status
 from mqinfer.keys import KeyFileError, load_private_key
 from mqinfer.mqtt import Brokers, Connection, Message, MQTTError
 from mqinfer.protocol import codec, signing
@@ -111,13 +112,6 @@ def _connect(url: Brokers, protocol: str, follower: _Follower, what: str) -> Con
     return conn
 
 
-def _replicas(status: m.ServiceStatus) -> str:
-    def where(r: m.ReplicaStatus) -> str:
-        return f"stage {r.stage} {r.node}" if r.stage is not None else r.node
-
-    return ", ".join(f"{where(r)} {r.state}" for r in status.replicas) or "none"
-
-
 def deploy(
     url: Brokers,
     topics: Topics,
@@ -170,7 +164,7 @@ def deploy(
             if st is None or st.revision != revision:
                 return None
             if st.state == "ready":
-                print(f"service {spec.name}: ready on {_replicas(st)}")
+                print(f"service {spec.name}: {status.service_line(st)}")
                 return 0
             if st.state in ("failed", "degraded") and not any(
                 r.state == "deploying" for r in st.replicas
@@ -182,7 +176,7 @@ def deploy(
         result = follower.until(outcome, wait)
         if result is None:
             st = follower.status
-            now = f"{st.state} ({_replicas(st)})" if st else "no status yet"
+            now = status.service_line(st) if st else "no status yet"
             print(
                 f"service {spec.name}: not ready after {wait:.0f} s: {now}; "
                 "is a coordinator running?",

@@ -19,10 +19,17 @@ import orjson
 
 from mqinfer import options
 from mqinfer.mqtt import Brokers, Connection, Message, MQTTError
-from mqinfer.protocol.topics import Topics
+from mqinfer.protocol.topics import Kind, Topics
 
 EXIT_ERRORS = 1  # some request got an error result
 EXIT_TIMEOUT = 4  # some request got no result in time
+# Seconds without any answer after which a service with no retained spec is taken as not
+# deployed, when no coordinator answers (with one, its `unavailable` comes at once).
+NO_SPEC_GRACE = 2.0
+
+
+class NoSuchService(Exception):
+    """The service is not deployed: the message names the services that are."""
 
 
 def request(
@@ -33,18 +40,33 @@ def request(
     timeout: float = 30.0,
     protocol: str = "auto",
 ) -> list[dict[str, Any] | None]:
-    """Send each payload as a request; the results in order (None: none in time)."""
+    """Send each payload as a request; the results in order (None: none in time).
+
+    Raises NoSuchService as soon as it is clear that the service is not deployed: no
+    retained spec names it, and the coordinator answered `unavailable` (it names the
+    services it has), or nothing answered within NO_SPEC_GRACE seconds."""
     base = uuid.uuid4().hex[:12]
     ids = [f"{base}-{i}" for i in range(len(payloads))]
     results: dict[str, dict[str, Any]] = {}
+    specs: set[str] = set()  # the services with a retained spec: the deployed ones
     done = threading.Event()
     lock = threading.Lock()
 
     def on_message(message: Message) -> None:
         try:
             ref = topics.parse(message.topic)
+        except ValueError:
+            return
+        if ref.kind is Kind.SERVICE_SPEC and ref.service is not None:
+            with lock:
+                if message.payload:
+                    specs.add(ref.service)
+                else:  # an empty retained spec: the service was undeployed
+                    specs.discard(ref.service)
+            return
+        try:
             body = orjson.loads(message.payload)
-        except (ValueError, orjson.JSONDecodeError):
+        except orjson.JSONDecodeError:
             return
         if ref.request_id in ids and isinstance(body, dict):
             with lock:
@@ -52,13 +74,43 @@ def request(
                 if len(results) == len(ids):
                     done.set()
 
+    def not_deployed(waited: float) -> str | None:
+        with lock:
+            if service in specs:
+                return None
+            for result in results.values():
+                error = result.get("error") or {}
+                if error.get("code") == "unavailable":
+                    return str(error.get("message"))
+            if results or waited < NO_SPEC_GRACE:
+                return None
+            known = ", ".join(sorted(specs)) or "none"
+        return (
+            f"no service named {service} is deployed (services: {known}), and no coordinator "
+            f"answered within {NO_SPEC_GRACE:g} s"
+        )
+
     conn = Connection(url, f"mqinfer-infer-{base}", on_message, protocol=protocol)
     conn.open()
     try:
-        conn.subscribe([(topics.service_result(service) + "/+", 1)])
+        # The specs first: retained, they arrive before any answer to the requests below.
+        conn.subscribe(
+            [
+                (topics.all_services(Kind.SERVICE_SPEC), 1),
+                (topics.service_result(service) + "/+", 1),
+            ]
+        )
         for rid, payload in zip(ids, payloads, strict=True):
             conn.publish(topics.service_request(service, rid), payload, qos=1)
-        done.wait(timeout) if ids else None
+        start = time.monotonic()
+        while ids:
+            finished = done.wait(0.05)
+            waited = time.monotonic() - start
+            why = not_deployed(waited)
+            if why is not None:
+                raise NoSuchService(why)
+            if finished or waited >= timeout:
+                break
         with lock:
             return [results.get(rid) for rid in ids]
     finally:
@@ -85,7 +137,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="send files to a service and print the results",
         description="Send each FILE (PNG, JPEG, .npy, JSON or raw tensor bytes) to the "
         "service and print one line per result, or the result JSON with --json. "
-        "Exit 1 if a result is an error, 4 if one did not come in time.",
+        "Exit 1 if a result is an error or the service is not deployed (said at once, "
+        "naming the services that are), 4 if a result did not come in time.",
     )
     p.add_argument("service", help="service name")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
@@ -118,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
     except MQTTError as e:
         print(f"mqinfer infer: {e}", file=sys.stderr)
         return 1
+    except NoSuchService as e:
+        print(f"mqinfer infer: error: {e}", file=sys.stderr)
+        return EXIT_ERRORS
     status = 0
     for path, result in zip(args.files, results, strict=True):
         if result is None:

@@ -7,14 +7,17 @@ A request payload is recognised by its content, in this order:
 | png | `\\x89PNG\\r\\n\\x1a\\n` | a single image input, preprocessed (`manifest.Preprocessing`) |
 | jpeg | `\\xff\\xd8\\xff` | the same |
 | npy | `\\x93NUMPY` | a single input; a leading batch dimension of 1 may be left out |
-| json | first non-space byte `{` | `{"inputs": ..., "request_id": ..., "deadline_ms": ...}` |
+| json | first non-space byte `{` | `{"inputs": ..., "request_id", "deadline_ms", "quantized"}` |
 | raw | anything else exactly as long as the single input's bytes | that input, little-endian |
 
 Arrays are converted to the input's dtype only where nothing is lost: integers into
 float inputs, floats into quantized integer inputs (quantized with the input's scale and
-zero point), integers into integer inputs when every value fits. A JSON-looking payload
-that does not parse but is exactly the raw input's size is taken as raw (pixel bytes can
-start with whitespace and `{`).
+zero point), integers into integer inputs when every value fits. JSON has numbers, not
+dtypes (JavaScript writes 1.0 as 1), so JSON numbers are real values, integers too, and
+are quantized for a quantized input; only a request saying `"quantized": true` gives the
+quantized integers themselves. A .npy array's dtype says which it holds. A JSON-looking
+payload that does not parse but is exactly the raw input's size is taken as raw (pixel
+bytes can start with whitespace and `{`).
 
 A result is one JSON object (`result_json`) with the outputs (`encode_outputs`) and,
 for classifiers with labels, the best classes (`top_k`).
@@ -354,7 +357,13 @@ def _bad(message: str) -> ProtocolError:
     return ProtocolError(Code.BAD_MESSAGE, message)
 
 
-def _json_array(value: Any, spec: TensorInfo) -> np.ndarray:
+def _is_quantized(spec: TensorInfo) -> bool:
+    return spec.quantization is not None and np.dtype(spec.dtype).kind in "iu"
+
+
+def _json_array(value: Any, spec: TensorInfo, quantized: bool) -> np.ndarray:
+    """One input from JSON numbers: real values, quantized for a quantized input; with
+    `quantized` (the request's `"quantized": true`) a quantized input's integers as they are."""
     if isinstance(value, bool) or not isinstance(value, list | int | float):
         raise _bad(f"input {_spec(spec)}: expected a nested list of numbers, got {value!r:.40}")
     try:
@@ -365,6 +374,17 @@ def _json_array(value: Any, spec: TensorInfo) -> np.ndarray:
             f"input {_spec(spec)}: the nested lists are ragged (rows of different lengths);"
             f" expected shape {_dims(spec.shape)}",
         ) from None
+    if _is_quantized(spec) and array.dtype.kind in "biuf":
+        if not quantized:
+            array = array.astype(np.float64)  # 1 is the real value 1.0, as in JavaScript
+        elif array.dtype.kind == "f":
+            info = np.iinfo(np.dtype(spec.dtype))
+            raise ProtocolError(
+                Code.WRONG_DTYPE,
+                f'input {_spec(spec)}: with "quantized": true the values are its quantized'
+                f" integers ({info.min}..{info.max}); got numbers with a fraction or"
+                ' exponent. Send real values without "quantized" to have them quantized',
+            )
     return _feed(array, spec)
 
 
@@ -409,13 +429,22 @@ def _decode_json(data: Any, inputs: Sequence[TensorInfo]) -> Decoded:
         isinstance(deadline, bool) or not isinstance(deadline, int | float) or deadline <= 0
     ):
         raise _bad(f"field 'deadline_ms' must be a positive number, got {deadline!r:.40}")
+    quantized = data.get("quantized", False)
+    if not isinstance(quantized, bool):
+        raise _bad(f"field 'quantized' must be true or false, got {quantized!r:.40}")
+    if quantized and not any(_is_quantized(spec) for spec in inputs):
+        raise _bad(
+            "field 'quantized' is true but no input of this model is quantized"
+            f" ({_takes(inputs) if len(inputs) > 1 else 'input ' + _spec(inputs[0])});"
+            " send real values without it"
+        )
     if "inputs" not in data:
         raise _bad(
             "missing field 'inputs': a nested list, or an object by input name"
             f" ({_takes(inputs) if len(inputs) > 1 else 'input ' + _spec(inputs[0])})"
         )
     values = _json_inputs(data["inputs"], inputs)
-    arrays = [_json_array(v, spec) for v, spec in zip(values, inputs, strict=True)]
+    arrays = [_json_array(v, spec, quantized) for v, spec in zip(values, inputs, strict=True)]
     return Decoded(
         arrays,
         "json",

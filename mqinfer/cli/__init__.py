@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 from mqinfer import accounts, demo, deploy, infer, keys, split
 from mqinfer.cli import broker, coordinator, node
+
+
+def _version() -> str:
+    """The installed package's version, from its metadata (pyproject.toml's `version`)."""
+    try:
+        return version("mqinfer")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -15,6 +24,7 @@ def parser() -> argparse.ArgumentParser:
         description="Discover, provision and orchestrate ML inference on edge nodes over MQTT. "
         "Every command takes --help.",
     )
+    p.add_argument("--version", action="version", version=f"mqinfer {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     broker.add_parser(sub)
     node.add_parser(sub)

@@ -7,7 +7,12 @@ Edge TPU delegate attached.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
@@ -18,6 +23,52 @@ from mqinfer.node.sysinfo import one_line
 from mqinfer.protocol.manifest import Quantization, TensorInfo
 
 RUNTIME_NAMES = {"litert": "LiteRT", "tflite_runtime": "tflite_runtime"}
+
+# What the TFLite C++ library writes to stderr (fd 2, not through Python) when the first
+# interpreter of a process is created. TF_CPP_MIN_LOG_LEVEL does not reach this logger.
+NATIVE_NOISE = (b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",)
+_STDERR = threading.RLock()  # fd 2 is the process's: one redirection at a time (may nest)
+
+
+@contextmanager
+def without_native_noise() -> Iterator[None]:
+    """Hold fd 2 in a file while the block runs, then write back all but NATIVE_NOISE.
+
+    fd 2 is shared by every thread, so what others write meanwhile (log lines, say) is
+    kept and comes out when the block ends, in order; only the noise is dropped."""
+    with _STDERR:
+        try:
+            held = tempfile.TemporaryFile()  # noqa: SIM115 - entered just below
+        except OSError:  # nowhere to hold it: let the noise through rather than fail
+            yield
+            return
+        with held:
+            try:
+                saved = os.dup(2)
+            except OSError:  # no stderr at all: nothing to keep clean
+                yield
+                return
+            _flush_stderr()
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                _flush_stderr()
+                os.dup2(saved, 2)
+                os.close(saved)
+                held.seek(0)
+                kept = b"".join(
+                    line
+                    for line in held.read().splitlines(keepends=True)
+                    if line.rstrip() not in NATIVE_NOISE
+                )
+                while kept:
+                    kept = kept[os.write(2, kept) :]
+
+
+def _flush_stderr() -> None:
+    if sys.stderr is not None:
+        sys.stderr.flush()
 
 
 def tensor_info(detail: dict[str, Any]) -> TensorInfo:
@@ -106,10 +157,11 @@ def open_interpreter(
 ) -> LiteRTModel:
     """Create and allocate an interpreter for the model file, or raise RuntimeFailure."""
     try:
-        interpreter = module.Interpreter(
-            model_path=path, num_threads=max(1, threads), experimental_delegates=delegates
-        )
-        interpreter.allocate_tensors()
+        with without_native_noise():
+            interpreter = module.Interpreter(
+                model_path=path, num_threads=max(1, threads), experimental_delegates=delegates
+            )
+            interpreter.allocate_tensors()
         return LiteRTModel(interpreter, path, runtime)
     except Exception as exc:
         raise RuntimeFailure(f"{runtime} cannot load {path}: {one_line(exc)}") from exc

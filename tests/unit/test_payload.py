@@ -449,6 +449,64 @@ def test_json_float_into_quantized_input_is_quantized() -> None:
     assert np.array_equal(array.reshape(-1), expected.astype(np.int8))
 
 
+def test_json_integers_into_quantized_input_are_real_values() -> None:
+    """[T-REQ-3] JSON has no dtypes (JavaScript writes 1.0 as 1): 1 and 1.0 are the same value, and
+    both are quantized with the input's scale and zero point."""
+    bits = (np.arange(64).reshape(8, 8, 1) % 3 == 0).astype(int)
+    (ints,) = decode(jsonb({"inputs": bits.tolist()}), [INT8_IMAGE]).arrays
+    (floats,) = decode(jsonb({"inputs": bits.astype(float).tolist()}), [INT8_IMAGE]).arrays
+    assert b'"inputs":[[[1],[0]' in jsonb({"inputs": bits.tolist()})  # really integers
+    assert np.array_equal(ints, floats)
+    assert ints.dtype == np.int8 and set(ints.reshape(-1).tolist()) == {-128, 127}
+    # explicitly false is the same as absent
+    (same,) = decode(jsonb({"inputs": bits.tolist(), "quantized": False}), [INT8_IMAGE]).arrays
+    assert np.array_equal(same, ints)
+
+
+def test_json_quantized_true_takes_the_quantized_integers() -> None:
+    q = np.arange(-32, 32).reshape(8, 8, 1)
+    (array,) = decode(jsonb({"inputs": q.tolist(), "quantized": True}), [INT8_IMAGE]).arrays
+    assert array.dtype == np.int8 and array.reshape(-1).tolist() == list(range(-32, 32))
+
+
+def test_json_quantized_true_applies_to_the_quantized_inputs_only() -> None:
+    inputs = [INT8_IMAGE, TensorInfo(name="ids", dtype="int64", shape=[1])]
+    body = {"inputs": {"image": [[[5]] * 8] * 8, "ids": [7]}, "quantized": True}
+    image, ids = decode(jsonb(body), inputs).arrays
+    assert image.reshape(-1).tolist() == [5] * 64
+    assert ids.dtype == np.int64 and ids.tolist() == [7]
+
+
+@pytest.mark.parametrize(
+    ("values", "says"),
+    [
+        ([[[0.5]] * 8] * 8, '"quantized": true'),  # real values marked quantized
+        ([[[1.0]] * 8] * 8, '"quantized": true'),  # whole, but written as floats
+        ([[[200]] * 8] * 8, "do not fit int8"),  # out of the dtype's range
+    ],
+    ids=["fraction", "float", "out-of-range"],
+)
+def test_json_quantized_true_needs_integers_that_fit(values: Any, says: str) -> None:
+    err = error_of(jsonb({"inputs": values, "quantized": True}), [INT8_IMAGE])
+    assert err.code == Code.WRONG_DTYPE
+    assert says in err.message and "image" in err.message
+
+
+def test_json_quantized_true_for_a_model_without_quantized_inputs_is_bad_message() -> None:
+    err = error_of(jsonb({"inputs": [[1, 2, 3, 4]], "quantized": True}), [F32_VECTOR])
+    assert err.code == Code.BAD_MESSAGE
+    assert "'quantized'" in err.message and "float32" in err.message
+
+
+def test_npy_integers_into_quantized_input_are_the_quantized_values() -> None:
+    """A .npy array has a dtype: an integer array is the input's quantized integers."""
+    q = np.arange(-32, 32, dtype=np.int8).reshape(1, 8, 8, 1)
+    (array,) = decode(npy(q), [INT8_IMAGE]).arrays
+    assert np.array_equal(array, q)
+    (wide,) = decode(npy(q.astype(np.int64)), [INT8_IMAGE]).arrays
+    assert wide.dtype == np.int8 and np.array_equal(wide, q)
+
+
 def test_bad_json_is_bad_encoding() -> None:
     err = error_of(b'{"inputs": [1, 2, 3', [F32_VECTOR])  # 19 bytes: not raw [1,4] float32
     assert err.code == Code.BAD_ENCODING
@@ -468,6 +526,8 @@ def test_bad_json_is_bad_encoding() -> None:
         {"inputs": [[1, 2, 3, 4]], "deadline_ms": True},
         {"inputs": {"y": [[1, 2, 3, 4]]}},  # unknown name
         {"inputs": [[[1, 2, 3, 4]]], "request_id": None, "x": 1, "deadline_ms": {}},
+        {"inputs": [[1, 2, 3, 4]], "quantized": "yes"},
+        {"inputs": [[1, 2, 3, 4]], "quantized": 1},
     ],
 )
 def test_json_missing_or_ill_typed_fields_are_bad_message(body: dict[str, Any]) -> None:

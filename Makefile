@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test check unit integration bench clean
+.PHONY: demo test check unit integration fuzz bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ integration: $(STAMP)
 
 test: check
 	$(BIN)/python -m pytest
+
+# 10,000 seeded hostile messages against a real cluster (the suite sends 2,000);
+# MQINFER_FUZZ_SEED=N for another sequence.
+fuzz: $(STAMP)
+	MQINFER_FUZZ_COUNT=10000 $(BIN)/python -m pytest -s tests/integration/test_fuzz.py
 
 # Benchmarks: each against its baseline in the same run; figures go to bench/RESULTS.md.
 # bench/setup.sh (root) installs what pip cannot: HAProxy, Mosquitto, iproute2.

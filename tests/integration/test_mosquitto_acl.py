@@ -97,6 +97,8 @@ def _site(tmp_path: Path, prefix: str) -> tuple[Broker, dict[str, str]]:
 def test_each_role_does_what_it_needs_and_nothing_more(
     tmp_path: Path, procs: Procs, prefix: str
 ) -> None:
+    """[T-SEC-1] no account but a node's acts as that node; [T-SEC-2] a node sees only its
+    work and writes no result; [T-SEC-3] a sensor reads only its own replies/."""
     rr = need_client_tool("mosquitto_rr")
     b, pw = _site(tmp_path, prefix)
     t = Topics(prefix)

@@ -12,6 +12,7 @@ Threads: the hub connection's network thread calls `on_message`; the main thread
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -19,6 +20,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mqinfer.coordinator.dispatch import (
     Ack,
@@ -32,7 +34,7 @@ from mqinfer.coordinator.dispatch import (
 from mqinfer.coordinator.dispatch import Action as Dispatch
 from mqinfer.coordinator.provision import Action, Provisioner, PublishStatus, SendCommand
 from mqinfer.coordinator.registry import Change, Registry
-from mqinfer.mqtt import Connection, Message, MQTTError, NotConnected, Will
+from mqinfer.mqtt import Brokers, BrokerURL, Connection, Message, MQTTError, NotConnected, Will
 from mqinfer.protocol import codec, replies
 from mqinfer.protocol import messages as m
 from mqinfer.protocol import work as w
@@ -544,8 +546,19 @@ class CoordinatorAgent:
         return gone
 
 
-def hub_client_id(topics: Topics) -> str:
+def hub_client_id(topics: Topics, urls: Brokers | None = None) -> str:
     """The one client id of the active coordinator's session on the broker: whoever
-    connects with it takes the session (and the requests waiting in it) over."""
-    tag = hashlib.blake2b(topics.prefix.encode(), digest_size=6).hexdigest()
-    return f"mqinfer-hub-{tag}"
+    connects with it takes the session (and the requests waiting in it) over. So it is
+    derived from the coordinator's credentials too (its password, or its TLS key), not
+    only from the prefix: an account that may merely connect cannot work it out and kick
+    the hub off. Every coordinator of a site (the active one and its standbys) uses the
+    same credentials and so the same id."""
+    h = hashlib.blake2b(topics.prefix.encode(), digest_size=6)
+    first = urls if isinstance(urls, BrokerURL) else (urls[0] if urls else None)
+    if first is not None:
+        h.update(f"\0{first.username or ''}\0{first.password or ''}\0".encode())
+        if first.tls_files.key:
+            # An unreadable key: the connection itself says what is wrong with the file.
+            with contextlib.suppress(OSError):
+                h.update(Path(first.tls_files.key).read_bytes())
+    return f"mqinfer-hub-{h.hexdigest()}"

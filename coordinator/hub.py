@@ -186,7 +186,7 @@ def run(
 def _hub(agent: CoordinatorAgent, urls: Brokers, protocol: str, keepalive: int) -> Connection:
     return Connection(
         urls,
-        hub_client_id(agent.topics),
+        hub_client_id(agent.topics, urls),
         agent.on_message,
         protocol=protocol,
         keepalive=keepalive,

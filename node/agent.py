@@ -9,6 +9,7 @@ not given ([T-WORK-1]).
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -112,7 +113,7 @@ class NodeAgent:
                 return None
             conn = Connection(
                 [main.url, *(u for u in main.urls if u != main.url)],
-                f"mqinfer-fetch-{self.node_id}-{time.time_ns():x}",
+                f"mqinfer-fetch-{self.node_id}-{secrets.token_hex(6)}",
                 self._fetched,
                 protocol=main.version or "auto",
             )
@@ -180,7 +181,9 @@ class NodeAgent:
     def client_id(self, session: int) -> str:
         # One client id per connection: a hung old connection is not taken over, so its
         # Will may arrive late; the session number in it tells it apart ([T-STATE-3]).
-        return f"mqinfer-node-{self.node_id}-{session:x}"
+        # The session is in every heartbeat, so a random tail keeps the id from anyone
+        # who reads them: with the id, any account could connect and knock the node off.
+        return f"mqinfer-node-{self.node_id}-{session:x}-{secrets.token_hex(4)}"
 
     def will(self, session: int) -> Will:
         lost = m.NodeState(node=self.node_id, state="lost", session=session, by="will")

@@ -93,6 +93,7 @@ def derived_mosquitto_conf(
         "user",
         "password_file",
         "acl_file",
+        "allow_anonymous",
         "include_dir",
         "log_type",
     )

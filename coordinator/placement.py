@@ -29,6 +29,21 @@ def why_not(spec: m.ServiceSpec, rec: NodeRecord) -> str | None:
     """None when `rec` can run `spec`, else the reason it cannot."""
     if rec.state != "online":
         return rec.state
+    unfit = why_unfit(spec, rec)
+    if unfit is not None:
+        return unfit
+    caps = rec.caps
+    assert caps is not None
+    available = rec.heartbeat.memory_available_mb if rec.heartbeat else caps.host.memory_total_mb
+    need = memory_needed_mb(spec)
+    if available < need:
+        return f"{available} MB available, needs {need} MB"
+    return None
+
+
+def why_unfit(spec: m.ServiceSpec, rec: NodeRecord) -> str | None:
+    """What the spec asks that the node is not (format, accelerator, labels), whatever it
+    has free: a replica already there is moved when its spec changes so ([T-COORD-6])."""
     caps = rec.caps
     if caps is None:
         return "capabilities not known yet"
@@ -41,10 +56,6 @@ def why_not(spec: m.ServiceSpec, rec: NodeRecord) -> str | None:
     for key, value in spec.constraints.labels.items():
         if caps.labels.get(key) != value:
             return f"label {key}={value} not set"
-    available = rec.heartbeat.memory_available_mb if rec.heartbeat else caps.host.memory_total_mb
-    need = memory_needed_mb(spec)
-    if available < need:
-        return f"{available} MB available, needs {need} MB"
     return None
 
 

@@ -285,6 +285,13 @@ class Provisioner:
                 log.log(level, "service %s: replica on %s gone (node %s)", svc.name, node, gone)
                 del svc.replicas[node]
                 continue
+            unfit = placement.why_unfit(spec.for_stage(svc.stage), rec)
+            if unfit is not None and rec.caps is not None:
+                # [T-COORD-6] the spec changed to ask what this node is not: moved.
+                log.info("service %s: moving the replica off %s (%s)", svc.name, node, unfit)
+                del svc.replicas[node]
+                actions.append(self._undeploy(svc, rep, now))
+                continue
             if rep.spec != spec:
                 # A ready replica takes a spec that needs no reload in place, and keeps serving.
                 in_place = (

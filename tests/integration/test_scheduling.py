@@ -90,3 +90,41 @@ def test_a_fast_node_serves_more_and_a_node_that_slows_down_gets_less(
         assert second["slow"] > second["fast"], second
     finally:
         req.close()
+
+
+def test_a_redeploy_with_new_constraints_moves_the_replicas(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator, observer: Observer
+) -> None:
+    """[T-COORD-6] deploy on every node, then again asking for a label only n1 has: the
+    replicas leave the nodes without it (had they stayed, the surplus would go from n1
+    first), and the service is ready on n1 alone, serving."""
+    procs.node(broker, prefix, "n1", "--label", "zone=lab")
+    procs.node(broker, prefix, "n2")
+    procs.node(broker, prefix, "n3")
+    wait_for(lambda: all(coordinator.state(n) == "online" for n in ("n1", "n2", "n3")), "online")
+    t = Topics(prefix)
+    deploy(broker, prefix, "--model", str(DIGITS), "--name", "d", "--replicas", "3")
+    deploy(
+        broker, prefix, "--model", str(DIGITS), "--name", "d", "--replicas", "1",
+        "--label", "zone=lab",
+    )  # fmt: skip
+
+    def only_n1() -> bool:
+        st = observer.json(t.service_status("d"))
+        beats = [observer.json(t.node_heartbeat(n)) or {} for n in ("n2", "n3")]
+        return (
+            st is not None
+            and st["state"] == "ready"
+            and [r["node"] for r in st["replicas"]] == ["n1"]
+            and all("d" not in b.get("services", {}) for b in beats)
+        )
+
+    wait_for(only_n1, "the replica on n1 only, the others undeployed")
+    sample = sorted((DIGITS.parent / "samples").glob("digit_*.png"))[0]
+    requester = Requester(broker, prefix, "d")
+    try:
+        [result] = requester.run({"after-move": sample.read_bytes()}).values()
+    finally:
+        requester.close()
+    assert result["ok"] and result["node"] == "n1"
+    assert result["top"][0]["label"] == sample.name.split("_")[1]

@@ -621,3 +621,29 @@ def test_fewer_replicas_drop_the_slowest_and_more_avoid_nodes_that_ran_it_slowly
     assert deploys == ["n3"]
 
 
+
+
+def test_a_spec_that_now_asks_for_a_label_moves_replicas_off_nodes_without_it() -> None:
+    """[T-COORD-6] re-deploying with new constraints re-checks the replicas already placed:
+    those on nodes that no longer qualify are undeployed and placed on nodes that do."""
+    reg = registry("n1", "n2", "n3")
+    assert reg.nodes["n3"].caps is not None
+    reg.nodes["n3"].caps.labels["zone"] = "lab"
+    p, cmds = deployed(reg, spec())
+    assert sorted(c.node for c in cmds) == ["n1", "n2"]
+    p.on_spec(NAME, spec(constraints={"labels": {"zone": "lab"}}, revision="r2"))
+    actions = p.step(reg, 3.0)
+    assert sorted(c.node for c in sends(actions, "undeploy")) == ["n1", "n2"]
+    assert [c.node for c in sends(actions, "deploy")] == ["n3"]
+    [deploy] = sends(actions, "deploy")
+    assert last_status(actions).state == "deploying"
+    p.on_reply(reply(deploy), 3.5)
+    status = last_status(p.step(reg, 3.6))
+    assert (status.state, status.ready_nodes(), status.want) == ("degraded", ["n3"], 2)
+    assert "label zone=lab not set" in (status.reason or "")
+    # An accelerator asked for that the replica's node lacks: the same.
+    p.on_spec(NAME, spec(constraints={"accelerator": "edgetpu"}, revision="r3"))
+    actions = p.step(reg, 4.0)
+    assert [c.node for c in sends(actions, "undeploy")] == ["n3"]
+    assert sends(actions, "deploy") == []
+    assert last_status(actions).state == "failed"

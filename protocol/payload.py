@@ -95,9 +95,21 @@ def _raw_layout(inputs: Sequence[TensorInfo]) -> tuple[tuple[int, ...], int] | N
     return tuple(shape), math.prod(shape) * np.dtype(inputs[0].dtype).itemsize
 
 
+# U+FFFD in UTF-8: what a byte that is not UTF-8 becomes when binary data is read as text.
+_REPLACEMENT_CHARACTER = b"\xef\xbf\xbd"
+
+
 def _unrecognised(payload: bytes, inputs: Sequence[TensorInfo]) -> ProtocolError:
     head = f" starting 0x{payload[:4].hex()}" if payload else ""
     what = f"received {len(payload)} bytes{head}: not PNG, JPEG, .npy or JSON"
+    if payload.startswith(_REPLACEMENT_CHARACTER):
+        return ProtocolError(
+            Code.BAD_PAYLOAD,
+            f"{what}; it starts with 0xefbfbd, the UTF-8 replacement character, so these"
+            " bytes look like binary data read as text (a PNG's first byte 0x89 is not UTF-8),"
+            " for example by a Node-RED 'file in' node set to output a UTF-8 string: send the"
+            " file's bytes unchanged, as a single Buffer",
+        )
     layout = _raw_layout(inputs)
     if layout is not None:
         shape, size = layout

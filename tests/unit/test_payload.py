@@ -665,3 +665,34 @@ def test_result_json_refuses_inconsistent_ok_and_error() -> None:
         result_json(request_id="r", service="s", node="n", ok=False)
     with pytest.raises(ValueError):
         result_json(request_id="r", service="s", node="n", ok=True, error=("busy", "x"))
+
+
+# ---- binary read as text ----------------------------------------------------------------
+
+
+def test_png_read_as_utf8_text_says_binary_was_read_as_text_and_to_send_a_buffer() -> None:
+    """A PNG decoded as UTF-8 and encoded again (a Node-RED `file in` node's default
+    output): every byte that is not UTF-8 became EF BF BD, the first one 0x89."""
+    original = png(GRAY, "L")
+    mangled = original.decode("utf-8", errors="replace").encode("utf-8")
+    assert mangled[:4] == b"\xef\xbf\xbdP"
+    err = error_of(mangled, [INT8_IMAGE])
+    assert err.code == Code.BAD_PAYLOAD
+    assert f"received {len(mangled)} bytes starting 0xefbfbd50" in err.message
+    assert "look like binary data read as text" in err.message
+    assert "Node-RED 'file in' node set to output a UTF-8 string" in err.message
+    assert "as a single Buffer" in err.message
+
+
+def test_other_unrecognised_bytes_say_nothing_about_text() -> None:
+    err = error_of(b"\xbd\xef\xbf" + b"z" * 10, [INT8_IMAGE])
+    assert err.code == Code.BAD_PAYLOAD
+    assert "read as text" not in err.message
+    assert "raw int8 [1,8,8,1] (64 bytes)" in err.message
+
+
+def test_replacement_character_bytes_of_the_raw_size_are_still_raw() -> None:
+    """Raw pixel bytes may start with EF BF BD: the raw size decides, as before."""
+    payload = b"\xef\xbf\xbd" + bytes(61)
+    decoded = decode(payload, [INT8_IMAGE])
+    assert decoded.kind == "raw"

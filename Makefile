@@ -5,16 +5,25 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+DEMO_STAMP = $(VENV)/.installed-demo
 
 .PHONY: demo test check unit integration fuzz bench clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# The demo needs the package and the runtime of its digits model (.tflite): mqinfer[litert].
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[litert]'
+	touch $(DEMO_STAMP)
+
+# Tests and checks: every runtime (mqinfer[all]) and the tools, through mqinfer[dev].
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/mqinfer demo
 
 check: $(STAMP)

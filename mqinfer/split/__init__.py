@@ -7,9 +7,14 @@ cut and become the outputs of the one segment and the inputs of the next, matche
 
 How the cuts are chosen:
 
-1. Candidate cuts are the positions where at most `max_crossing` tensors cross. A cut
-   where a model input is still needed later, or a model output is already made, is
-   refused: a segment would have to pass that tensor through without using it.
+1. Candidate cuts are the positions where at most `max_crossing` tensors cross. With one
+   (the default), a cut where a model input is still needed later, or a model output is
+   already made, is refused: a segment would have to pass that tensor through without
+   using it. With more (None, `--max-crossing auto`: up to `AUTO_MAX_CROSSING`), such
+   tensors cross like the others and are passed through; at most `MEASURED_SEVERAL` cuts
+   where several tensors cross are measured, spread over the model, and a plan of cuts
+   where one tensor crosses is kept whenever it balances within `BALANCE_SLACK` of the
+   best.
 2. The cost of a segment is its run time plus the transfer of the tensors it sends on.
    Run time is measured, not guessed: the prefix [0, c) of the model is built for every
    candidate c and timed with the real runtime, so segment [a, b) takes about L(b) - L(a).
@@ -41,6 +46,7 @@ from mqinfer.split.cli import (
     report,
     run,
 )
+from mqinfer.split.cuts import AUTO_MAX_CROSSING
 from mqinfer.split.errors import SplitError
 from mqinfer.split.graph import SUFFIXES
 from mqinfer.split.measure import (
@@ -58,14 +64,21 @@ from mqinfer.split.plan import (
     TRANSFER_MS_PER_BYTE,
     TRANSFER_MS_PER_MESSAGE,
 )
-from mqinfer.split.splitter import pipeline_file, split_model, split_temporarily
+from mqinfer.split.splitter import (
+    MEASURED_SEVERAL,
+    pipeline_file,
+    split_model,
+    split_temporarily,
+)
 from mqinfer.split.verification import ONNX_TOLERANCE, RANDOM_INPUTS, SEED, verify, verify_files
 
 __all__ = [
+    "AUTO_MAX_CROSSING",
     "BALANCE_SLACK",
     "DESCRIPTION",
     "MAX_REPS",
     "MB",
+    "MEASURED_SEVERAL",
     "MIN_REPS",
     "MIN_TIMING_S",
     "ONNX_TOLERANCE",

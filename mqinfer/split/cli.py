@@ -4,6 +4,7 @@ prints."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mqinfer.protocol.manifest import Pipeline, TensorInfo
+from mqinfer.split.cuts import AUTO_MAX_CROSSING
 from mqinfer.split.errors import SplitError
 from mqinfer.split.graph import _count, _format
 from mqinfer.split.measure import _backend, _load
@@ -64,11 +66,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-crossing",
-        type=int,
+        type=_crossing,
         default=1,
         metavar="K",
         help="most tensors allowed to cross a cut (default %(default)s); residual networks "
-        "have more cut points with 2",
+        "have more cut points with 2. With 2 or more, a model input read late or a model "
+        "output made early is passed through the segments in between. 'auto': up to "
+        f"{AUTO_MAX_CROSSING}, cuts where one tensor crosses preferred unless more balance "
+        "the segments better",
     )
     p.add_argument(
         "--threads",
@@ -91,6 +96,18 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="a real input to verify on besides random ones: PNG, JPEG, .npy, JSON or raw "
         "tensor bytes, decoded as a request to the model is; repeatable",
     )
+
+
+def _crossing(text: str) -> int | None:
+    """--max-crossing: a count, or 'auto' (None)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of tensors or 'auto', got {text!r}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         segments = len(at) + 1
     if segments < 2:
         parser.error(f"--segments: expected 2 or more, got {segments}")
-    if args.max_crossing < 1:
+    if args.max_crossing is not None and args.max_crossing < 1:
         parser.error(f"--max-crossing: expected 1 or more, got {args.max_crossing}")
     if args.threads < 1:
         parser.error(f"--threads: expected 1 or more, got {args.threads}")
@@ -191,6 +208,30 @@ def _tensors(specs: Sequence[TensorInfo]) -> str:
     )
 
 
+def _bytes(specs: Sequence[TensorInfo]) -> int:
+    return sum(_count(s.shape) * np.dtype(s.dtype).itemsize for s in specs)
+
+
+def _crossings(pipeline: Pipeline) -> list[str]:
+    """A line for each cut where several tensors cross: how many, their bytes per request
+    (dynamic dimensions as 1), and those a segment passes on without using them."""
+    lines = []
+    segments = pipeline.segments
+    for k, (before, after) in enumerate(itertools.pairwise(segments)):
+        crossing = before.manifest.outputs
+        if len(crossing) < 2:
+            continue
+        line = (
+            f"cut {k + 1} (before operator {after.ops[0]}): {len(crossing)} tensors cross, "
+            f"{_bytes(crossing)} B per request"
+        )
+        passed = [s.name for s in crossing if s.name in {i.name for i in before.manifest.inputs}]
+        if passed:
+            line += f"; segment {k} passes on unused: " + ", ".join(f"'{n}'" for n in passed)
+        lines.append(line)
+    return lines
+
+
 def report(pipeline: Pipeline, directory: Path, seconds: float, *, by_cost: bool = True) -> str:
     """What `mqinfer split` prints: one row per segment, the verification, the files."""
     segments = pipeline.segments
@@ -220,6 +261,7 @@ def report(pipeline: Pipeline, directory: Path, seconds: float, *, by_cost: bool
             for row in rows
         ),
     ]
+    lines += _crossings(pipeline)
     v = pipeline.verification
     if v.exact:
         lines.append(f"verified on {v.inputs} inputs: outputs bitwise equal to the whole model's")

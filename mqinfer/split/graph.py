@@ -16,7 +16,7 @@ import numpy as np
 
 from mqinfer.node.runtimes.base import concrete_shape
 from mqinfer.protocol.manifest import Format, format_of
-from mqinfer.split.errors import SplitError
+from mqinfer.split.errors import SplitError, install_hint
 
 SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx"}
 
@@ -65,12 +65,19 @@ _TFLITE_ITEMSIZE = {
 }
 
 
+# TFLite metadata entries that describe the whole model's inputs and outputs (names,
+# normalisation, labels): a segment has other inputs and outputs, so no segment keeps them.
+_WHOLE_MODEL_METADATA = frozenset({"TFLITE_METADATA"})
+
+
 class _Tflite(_Graph):
     format: Format = "tflite"
 
     def __init__(self, path: Path) -> None:
-        from ai_edge_litert.tools import flatbuffer_utils
-
+        try:
+            from ai_edge_litert.tools import flatbuffer_utils
+        except ImportError as exc:
+            raise SplitError(f"{install_hint('tflite')} ({exc})") from None
         try:
             model = flatbuffer_utils.read_model(str(path))
         except Exception as exc:
@@ -121,6 +128,17 @@ class _Tflite(_Graph):
             shape = [] if t.shape is None else [int(d) for d in t.shape]
             self.nbytes[i] = None if itemsize is None else itemsize * _count(shape)
         self.size = path.stat().st_size
+        # Every segment keeps the same metadata: the entries about the runtime the model
+        # needs (min_runtime_version, reduced_precision_support, ...), with their buffers
+        # re-indexed. Left out of every segment: entries that describe the whole model's
+        # inputs and outputs (TFLITE_METADATA, wrong for a segment) and entries pointing
+        # past the end of the buffers.
+        self._metadata: list[Any] = [
+            entry
+            for entry in model.metadata or []
+            if 0 < int(entry.buffer) < len(buffers)
+            and _text(entry.name) not in _WHOLE_MODEL_METADATA
+        ]
 
     def op_name(self, i: int) -> str:
         from ai_edge_litert.tools import flatbuffer_utils
@@ -178,14 +196,15 @@ class _Tflite(_Graph):
         new_model = copy.copy(model)
         new_model.subgraphs = [new_sg]
         new_model.signatureDefs = None  # they name tensors by their old indices
-        metadata = []
-        for entry in model.metadata or []:
-            kept = copy.copy(entry)
-            kept.buffer = keep_buffer(entry.buffer)
-            metadata.append(kept)
+        metadata = [_kept_metadata(e, keep_buffer(int(e.buffer))) for e in self._metadata]
         new_model.metadata = metadata or None
-        if model.metadataBuffer is not None:
-            new_model.metadataBuffer = [keep_buffer(int(b)) for b in model.metadataBuffer]
+        # the deprecated list of metadata buffers: those of the entries kept (converters
+        # often leave stale indices here, past the end of the buffers)
+        new_model.metadataBuffer = (
+            [int(entry.buffer) for entry in metadata] or None
+            if model.metadataBuffer is not None
+            else None
+        )
         new_model.buffers = buffers
         return bytes(flatbuffer_utils.convert_object_to_bytearray(new_model))
 
@@ -194,10 +213,12 @@ class _Onnx(_Graph):
     format: Format = "onnx"
 
     def __init__(self, path: Path) -> None:
-        import onnx
-        import onnx.shape_inference
-        import onnx.utils
-
+        try:
+            import onnx
+            import onnx.shape_inference
+            import onnx.utils
+        except ImportError as exc:
+            raise SplitError(f"{install_hint('onnx')} ({exc})") from None
         try:
             loaded = onnx.load(str(path))
             model = onnx.shape_inference.infer_shapes(loaded)
@@ -211,6 +232,8 @@ class _Onnx(_Graph):
                         f"{path.name} has control flow (a {node.op_type} node with a "
                         "subgraph): only models without subgraphs can be split"
                     )
+        initializers = {i.name: i for i in graph.initializer}
+        _complete_shapes(path, model, initializers)
         self._model = model
         self._extractor = onnx.utils.Extractor(model)
         self._nodes = list(graph.node)
@@ -219,7 +242,6 @@ class _Onnx(_Graph):
         def key(name: str) -> int:
             return keys.setdefault(name, len(keys))
 
-        initializers = {i.name: i for i in graph.initializer}
         # constants: initializers, and what nodes make from constants alone (Constant, or
         # a shape computed from weights); a segment that needs one recomputes it
         constant = set(initializers)
@@ -270,6 +292,97 @@ class _Onnx(_Graph):
                 "it: the model's nodes are not in topological order"
             )
         return bytes(segment.SerializeToString())
+
+
+def _kept_metadata(entry: Any, buffer: int) -> Any:
+    kept = copy.copy(entry)
+    kept.buffer = buffer
+    return kept
+
+
+def _complete_shapes(path: Path, model: Any, initializers: dict[str, Any]) -> None:
+    """Give every tensor that nodes make a type with a known rank.
+
+    ONNX shape inference leaves some tensors without a shape (a Concat of tensors of
+    dynamic rank, for example); a segment whose input or output had no rank could not be
+    fed. Such tensors are made outputs of a copy of the model, which is run once with
+    ONNX Runtime on zeros (dynamic dimensions as 1), and their value info is completed
+    with the rank seen and every dimension left dynamic."""
+    import onnx
+    import onnx.helper
+
+    graph = model.graph
+    infos = {v.name: v for v in (*graph.value_info, *graph.input, *graph.output)}
+    missing = [
+        name
+        for node in graph.node
+        for name in node.output
+        if name
+        and name not in initializers
+        and (
+            name not in infos
+            or not infos[name].type.HasField("tensor_type")
+            or not infos[name].type.tensor_type.HasField("shape")
+        )
+    ]
+    if not missing:
+        return
+    probe = copy.deepcopy(model)
+    graph_outputs = {o.name for o in probe.graph.output}
+    for name in missing:
+        if name not in graph_outputs:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    try:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(
+            probe.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        feed: dict[str, np.ndarray] = {
+            arg.name: np.zeros(
+                [d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape],
+                _ORT_DTYPES.get(arg.type, np.float32),
+            )
+            for arg in session.get_inputs()
+        }
+        values = session.run(missing, feed)
+    except Exception as exc:
+        raise SplitError(
+            f"{path.name}: tensor '{missing[0]}' has no shape in the model, and running the "
+            f"model to find it failed: {_one_line(exc)}"
+        ) from None
+    for name, value in zip(missing, values, strict=True):
+        array = np.asarray(value)
+        info = infos.get(name)
+        if info is None or not info.type.HasField("tensor_type"):
+            info = onnx.helper.make_tensor_value_info(
+                name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), None
+            )
+            graph.value_info.append(info)
+        shape = info.type.tensor_type.shape
+        shape.Clear()
+        for _ in range(array.ndim):
+            shape.dim.add()
+
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(int16)": np.int16,
+    "tensor(uint16)": np.uint16,
+    "tensor(int32)": np.int32,
+    "tensor(uint32)": np.uint32,
+    "tensor(int64)": np.int64,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _first(names: Sequence[str]) -> str:

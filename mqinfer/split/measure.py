@@ -14,7 +14,7 @@ from mqinfer.node.runtimes import Backend, Model, RuntimeFailure, available_back
 from mqinfer.node.runtimes.base import concrete_shape
 from mqinfer.protocol.manifest import TensorInfo
 from mqinfer.split.cuts import _Cuts
-from mqinfer.split.errors import SplitError
+from mqinfer.split.errors import SplitError, install_hint
 from mqinfer.split.graph import SUFFIXES, _Graph
 
 # Timing: warm-up runs, then repetitions until both minimums are met (or MAX_REPS); the
@@ -32,7 +32,7 @@ def _backend(fmt: str) -> Backend:
     if fmt not in backends:
         raise SplitError(
             f"no runtime here runs {fmt} models (available: {', '.join(backends) or 'none'}); "
-            "install ai-edge-litert for .tflite or onnxruntime for .onnx"
+            f"{install_hint(fmt)}"
         )
     return backends[fmt]
 

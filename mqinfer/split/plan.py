@@ -171,6 +171,12 @@ def _balanced_plan(
     def balanced(a: int, b: int) -> bool:
         return allowed(a, b) and costs.cost(a, b) <= bound
 
+    # cuts where one tensor crosses first, when they balance as well as any
+    single = [c for c in positions[1:-1] if len(costs.cuts.live[c]) == 1]
+    if len(single) < len(positions) - 2:
+        plan = _plan([0, *single, positions[-1]], segments, costs.cost, balanced, total_first=True)
+        if plan is not None:
+            return plan
     return _plan(positions, segments, costs.cost, balanced, total_first=True) or best
 
 

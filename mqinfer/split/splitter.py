@@ -13,7 +13,7 @@ import numpy as np
 
 from mqinfer.protocol.manifest import Manifest, Pipeline, Segment
 from mqinfer.servicefile import PIPELINE_SUFFIX
-from mqinfer.split.cuts import _analyse, _check_positions, _refusal
+from mqinfer.split.cuts import _analyse, _check_positions, _measured, _refusal
 from mqinfer.split.errors import SplitError
 from mqinfer.split.graph import SUFFIXES, _format, _read_graph
 from mqinfer.split.measure import (
@@ -32,6 +32,10 @@ from mqinfer.split.verification import (
     verify,
 )
 
+# Of the cuts where several tensors cross, at most this many are measured (spread over the
+# model); every cut where one tensor crosses is.
+MEASURED_SEVERAL = 24
+
 
 def pipeline_file(model: str | Path) -> str:
     """The name of the pipeline manifest `split_model` writes for `model`:
@@ -46,7 +50,7 @@ def split_model(
     out_dir: str | Path,
     *,
     max_segment_mb: float | None = None,
-    max_crossing: int = 1,
+    max_crossing: int | None = 1,
     threads: int = 1,
     samples: Sequence[Sequence[np.ndarray]] = (),
     name: str | None = None,
@@ -57,7 +61,10 @@ def split_model(
 
     `samples`: real inputs (one list of arrays per sample, in the model's input order) the
     split is verified on besides seeded random ones. `max_segment_mb` caps each segment
-    file's size (decimal MB); `max_crossing` is the most tensors allowed to cross a cut;
+    file's size (decimal MB); `max_crossing` is the most tensors allowed to cross a cut
+    (more than 1: model inputs and outputs, and tensors a later segment reads, may pass
+    through a segment unused; None: automatic, up to AUTO_MAX_CROSSING, with cuts where
+    one tensor crosses preferred unless the segments balance better with more);
     latencies are measured with `threads` runtime threads. `at`: cut at these operator
     positions instead of choosing by cost (segments - 1 of them). `name` names the pipeline
     (default: the name in the manifest beside the model, else the file stem).
@@ -81,8 +88,11 @@ def split_model(
         _check_positions(path.name, g, cuts, list(at))
     elif len(cuts.valid(g.n)) < segments - 1:
         raise SplitError(f"{path.name}: {_refusal(g, cuts, segments, max_crossing)}")
-    elif cap is not None:
-        _check_fits(path.name, g, cuts, costs, segments, cap)
+    else:
+        cuts = _measured(g, cuts, MEASURED_SEVERAL)
+        costs = _Costs(g, cuts)
+        if cap is not None:
+            _check_fits(path.name, g, cuts, costs, segments, cap)
 
     rng = np.random.default_rng(SEED)
     with tempfile.TemporaryDirectory(prefix="mqinfer-split-") as tmp:
@@ -164,13 +174,13 @@ def split_model(
 def _check_request(
     segments: int,
     max_segment_mb: float | None,
-    max_crossing: int,
+    max_crossing: int | None,
     threads: int,
     at: Sequence[int] | None,
 ) -> None:
     if segments < 2:
         raise SplitError(f"segments: expected 2 or more, got {segments}")
-    if max_crossing < 1:
+    if max_crossing is not None and max_crossing < 1:
         raise SplitError(
             f"max crossing: expected 1 or more tensors allowed to cross a cut, got {max_crossing}"
         )

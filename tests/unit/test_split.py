@@ -9,6 +9,7 @@ describe the segment files (sha256, size, tensors as the runtime reports them).
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -453,3 +454,223 @@ def test_onnx_differences_within_tolerance_are_recorded(tmp_path: Path, split: S
     assert not close.exact and 0 < close.max_abs_diff <= close.tolerance
     with pytest.raises(SplitError, match=r"differs .* by up to .*; expected at most"):
         verify_files(model, [scaled(1.01), files[1]], samples=held_out[:50])
+
+
+def _with_metadata(tmp_path: Path) -> Path:
+    """digits_f32.tflite with the metadata published models carry: a runtime-version entry,
+    a TFLITE_METADATA entry describing the whole model, and the deprecated list of metadata
+    buffers pointing past the end of the buffers, as converters often leave it."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(DIGITS["f32"]))
+    entries = []
+    for name, data in (("min_runtime_version", b"1.5.0"), ("TFLITE_METADATA", b"whole model")):
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(data, np.uint8).copy()
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = name, len(model.buffers) - 1
+        entries.append(entry)
+    model.metadata = entries
+    model.metadataBuffer = [len(model.buffers) + 100, len(model.buffers) + 101]
+    path = tmp_path / "digits_meta.tflite"
+    path.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+    return path
+
+
+def test_tflite_metadata_is_kept_alike_in_every_segment(
+    tmp_path: Path, backends: dict[str, Backend]
+) -> None:
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = _with_metadata(tmp_path)
+    for segments in (2, 3):
+        out = tmp_path / f"out{segments}"
+        pipeline = split_model(model, segments, out)
+        _check_split(backends, model, pipeline, out, _random_f32(model, backends), segments)
+        for seg in pipeline.segments:
+            part = flatbuffer_utils.read_model(str(out / seg.manifest.file))
+            kept = {
+                entry.name.decode(): bytes(part.buffers[entry.buffer].data)
+                for entry in part.metadata
+            }
+            # the runtime's requirements stay; the description of the whole model's tensors
+            # would be wrong for a segment
+            assert kept == {"min_runtime_version": b"1.5.0"}
+            assert list(part.metadataBuffer) == [entry.buffer for entry in part.metadata]
+
+
+def _random_f32(model: Path, backends: dict[str, Backend]) -> Inputs:
+    whole = _load(backends, model)
+    rng = np.random.default_rng(3)
+    return [[rng.random(whole.inputs[0].shape, dtype=np.float32)] for _ in range(3)]
+
+
+def _rank_unknown_onnx(path: Path) -> Path:
+    """x -> Relu -> Reshape to a shape sliced by a data-dependent start -> Sigmoid -> Relu:
+    ONNX shape inference cannot tell the rank of what Reshape makes."""
+    import onnx.shape_inference
+
+    tensor = onnx.TensorProto
+    nodes = [
+        onnx.helper.make_node("Relu", ["x"], ["a"]),
+        onnx.helper.make_node("Shape", ["a"], ["s"]),
+        onnx.helper.make_node("ArgMax", ["a"], ["am"], axis=1, keepdims=0),
+        onnx.helper.make_node("Mul", ["am", "zero"], ["start"]),
+        onnx.helper.make_node("Slice", ["s", "start", "two"], ["s2"]),
+        onnx.helper.make_node("Reshape", ["a", "s2"], ["b"]),
+        onnx.helper.make_node("Sigmoid", ["b"], ["c"]),
+        onnx.helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "rank_unknown",
+        [onnx.helper.make_tensor_value_info("x", tensor.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", tensor.FLOAT, None)],
+        [
+            onnx.numpy_helper.from_array(np.array([0], np.int64), "zero"),
+            onnx.numpy_helper.from_array(np.array([2], np.int64), "two"),
+        ],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    inferred = onnx.shape_inference.infer_shapes(model)
+    made = {v.name: v for v in inferred.graph.value_info}
+    assert not made["c"].type.tensor_type.HasField("shape")
+    onnx.save(model, str(path))
+    return path
+
+
+def test_onnx_tensor_of_unknown_rank_can_cross_a_cut(
+    tmp_path: Path, backends: dict[str, Backend]
+) -> None:
+    model = _rank_unknown_onnx(tmp_path / "rank_unknown.onnx")
+    pipeline = split_model(model, 2, tmp_path / "out", at=[7])
+    second = pipeline.segments[1].manifest
+    assert [(t.name, t.dtype, t.shape) for t in second.inputs] == [("c", "float32", [-1, -1])]
+    parts = [_load(backends, tmp_path / "out" / seg.manifest.file) for seg in pipeline.segments]
+    whole = _load(backends, model)
+    feed = [np.random.default_rng(5).random((1, 4), dtype=np.float32)]
+    np.testing.assert_array_equal(_chain(parts, whole, feed)["y"], whole.run(feed)[0])
+
+
+# ---- several tensors crossing, model inputs and outputs passed through ---------------------
+
+LATE_INPUT = (  # b is only read by the last node; o1 is made before the end
+    [
+        ("Relu", ["a"], "s"),
+        ("Neg", ["s"], "o1"),
+        ("Sigmoid", ["s"], "t"),
+        ("Abs", ["t"], "u"),
+        ("Add", ["u", "b"], "o2"),
+    ],
+    ["a", "b"],
+    ["o1", "o2"],
+)
+
+
+@pytest.mark.parametrize("max_crossing", [None, 3])
+def test_model_input_and_output_pass_through_segments(
+    tmp_path: Path, backends: dict[str, Backend], max_crossing: int | None
+) -> None:
+    model = _onnx(tmp_path / "late.onnx", *LATE_INPUT)
+    rng = np.random.default_rng(4)
+    samples = [[rng.normal(size=(1, 4)).astype(np.float32) for _ in "ab"] for _ in range(3)]
+    pipeline = split_model(model, 3, tmp_path / "out", max_crossing=max_crossing)
+    parts = _check_split(backends, model, pipeline, tmp_path / "out", samples, 3)
+    # every segment but the last hands b on unused; o1, once made, is handed on to the end
+    for part in parts[:-1]:
+        assert "b" in [s.name for s in part.inputs] and "b" in [s.name for s in part.outputs]
+    made_o1 = next(k for k, seg in enumerate(pipeline.segments) if seg.ops[0] <= 1 < seg.ops[1])
+    for part in parts[made_o1 + 1 :]:
+        assert "o1" in [s.name for s in part.inputs] and "o1" in [s.name for s in part.outputs]
+
+
+def test_explicit_cuts_pass_through_with_more_crossing(
+    tmp_path: Path, backends: dict[str, Backend]
+) -> None:
+    model = _onnx(tmp_path / "late.onnx", *LATE_INPUT)
+    with pytest.raises(SplitError, match="model input 'b' is still read by operator 4"):
+        split_model(model, 2, tmp_path / "out", at=[3])
+    pipeline = split_model(model, 3, tmp_path / "out", at=[2, 3], max_crossing=3)
+    assert [[s.name for s in seg.manifest.outputs] for seg in pipeline.segments] == [
+        ["b", "s", "o1"],
+        ["b", "o1", "t"],
+        ["o1", "o2"],
+    ]
+    rng = np.random.default_rng(6)
+    samples = [[rng.normal(size=(1, 4)).astype(np.float32) for _ in "ab"] for _ in range(3)]
+    _check_split(backends, model, pipeline, tmp_path / "out", samples, 3)
+
+
+def test_cli_auto_crossing_reports_what_crosses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _onnx(tmp_path / "late.onnx", *LATE_INPUT)
+    assert main([str(model), "--segments", "2", "-o", str(tmp_path / "refused")]) == 2
+    assert "model input 'b' is still read by operator 4" in capsys.readouterr().err
+    code = main([str(model), "--segments", "2", "--max-crossing", "auto", "-o", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    said = re.search(
+        r"^cut 1 \(before operator \d\): (\d) tensors cross, (\d+) B per request; "
+        r"segment 0 passes on unused: (.*)$",
+        out,
+        re.MULTILINE,
+    )
+    assert said is not None, out
+    crossing, nbytes, passed = int(said[1]), int(said[2]), said[3]
+    assert crossing >= 2 and nbytes == crossing * 16  # float32 [1, 4] each
+    assert "'b'" in passed.split(", ")
+    with pytest.raises(SystemExit):
+        main([str(model), "--segments", "2", "--max-crossing", "some"])
+    assert "expected a number of tensors or 'auto', got 'some'" in capsys.readouterr().err
+
+
+def test_auto_crossing_prefers_cuts_where_one_tensor_crosses() -> None:
+    """On MobileNetV2's graph with run time proportional to the operators, a cut where one
+    tensor crosses balances within BALANCE_SLACK and is kept; with the work in two operators
+    inside a residual block, the cut between them, where two tensors cross, is taken."""
+    from mqinfer.split.cuts import _analyse
+    from mqinfer.split.graph import _read_graph
+    from mqinfer.split.plan import _balanced_plan, _Costs
+
+    g = _read_graph(MOBILENET)
+    cuts = _analyse(g, None)
+    costs = _Costs(g, cuts)
+    positions = [0, *cuts.valid(g.n), g.n]
+    several = [c for c in cuts.valid(g.n) if len(cuts.live[c]) > 1]
+    assert several and len(cuts.single(g.n)) == 36
+
+    costs.latency = {c: float(c) for c in range(g.n + 1)}
+    plan = _balanced_plan(positions, 2, costs, cuts.chainable)
+    assert plan is not None and len(cuts.live[plan[1]]) == 1
+
+    inside = next(c for c in several if c - 1 in several and c + 1 in several)
+    step = {c: 0.0 if c < inside else 1.0 if c == inside else 2.0 for c in positions}
+    costs.latency = {c: 100.0 * v for c, v in step.items()}  # ms: far above any transfer
+    assert _balanced_plan(positions, 2, costs, cuts.chainable) == [0, inside, g.n]
+
+
+@pytest.mark.parametrize("model", [DIGITS["f32"], DIGITS["onnx"]])
+def test_a_segment_passes_its_input_on_unchanged(
+    model: Path, tmp_path: Path, backends: dict[str, Backend]
+) -> None:
+    """What a segment does with a tensor a later segment reads: the same tensor is among
+    its inputs and its outputs, and comes out bitwise as it went in."""
+    from mqinfer.split.cuts import _analyse
+    from mqinfer.split.graph import _read_graph
+
+    g = _read_graph(model)
+    cuts = _analyse(g, None)
+    c = cuts.single(g.n)[0]
+    path = tmp_path / f"prefix{model.suffix}"
+    path.write_bytes(g.build(0, c, g.inputs, [*g.inputs, *cuts.order[c]]))
+    prefix, whole = _load(backends, path), _load(backends, model)
+    assert prefix.outputs[0].name == whole.inputs[0].name
+    x = np.random.default_rng(8).random(
+        [d if d > 0 else 1 for d in whole.inputs[0].shape], dtype=np.float32
+    )
+    passed, made = prefix.run([x])
+    np.testing.assert_array_equal(passed, x)
+    assert made.shape == tuple(d if d > 0 else 1 for d in prefix.outputs[1].shape)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from mqinfer import accounts, demo, deploy, infer, keys, split
+from mqinfer import accounts, artifacts, demo, deploy, infer, keys, split
 from mqinfer.cli import broker, coordinator, node
 
 
@@ -35,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
     keys.add_parser(sub)
     demo.add_parser(sub)
     accounts.add_parser(sub)
+    artifacts.add_parser(sub)
     return p
 
 

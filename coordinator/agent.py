@@ -166,6 +166,11 @@ class CoordinatorAgent:
     def session(self) -> int:
         return self._session
 
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while the registry and dispatcher change; readers (the web view) take it."""
+        return self._lock
+
     def _state(self, state: m.NodeStateName, session: int) -> bytes:
         ts = None if state == "lost" else time.time()
         return codec.encode(m.CoordinatorState(id=self.id, state=state, session=session, ts=ts))

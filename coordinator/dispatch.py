@@ -19,6 +19,7 @@ acknowledgement of the request. Nothing here waits or does I/O.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 from collections import deque
@@ -153,6 +154,25 @@ class _Slot:
     queue: deque[_Request] = field(default_factory=deque)
 
 
+# Upper bounds (seconds) of the latency histogram of each service (`mqinfer coordinator --http`).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+NO_SERVICE = "(none)"  # requests for a service that is not deployed are counted under this
+MAX_COUNTED = 1000  # services counted one by one; any more are counted under NO_SERVICE
+CODES = frozenset({*(c.value for c in Code), "error"})  # error codes counted by name
+
+
+@dataclass
+class ServiceCounters:
+    """What one service's requests came to: answered, errors by code, and the time from
+    reaching the hub to the answer of those a replica answered (non-cumulative buckets;
+    the last counts those slower than every bound)."""
+
+    answered: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+
+
 @dataclass
 class Counters:
     accepted: int = 0
@@ -160,6 +180,26 @@ class Counters:
     fenced: int = 0  # answers dropped: their lease was not current
     redispatched: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    services: dict[str, ServiceCounters] = field(default_factory=dict)
+
+    def answer(self, service: str, code: str | None, seconds: float | None = None) -> None:
+        """A request was answered (code: its error, None when ok), `seconds` after it came."""
+        self.answered += 1
+        if code is not None:
+            self.errors[code] = self.errors.get(code, 0) + 1
+        s = self.services.get(service)
+        if s is None:
+            if len(self.services) >= MAX_COUNTED:
+                service = NO_SERVICE
+            s = self.services.setdefault(service, ServiceCounters())
+        s.answered += 1
+        if code is not None:
+            code = code if code in CODES else "other"  # a node's code is any short string
+            s.errors[code] = s.errors.get(code, 0) + 1
+        if seconds is not None:
+            seconds = max(0.0, seconds)
+            s.latency_sum += seconds
+            s.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
 
 class Dispatcher:
@@ -328,8 +368,8 @@ class Dispatcher:
         return s is not None and bool(s.replicas)
 
     def _refuse(self, incoming: Incoming, code: Code, message: str) -> list[Action]:
-        self.counters.answered += 1
-        self.counters.errors[code.value] = self.counters.errors.get(code.value, 0) + 1
+        known = incoming.service in self.specs
+        self.counters.answer(incoming.service if known else NO_SERVICE, code.value)
         payload = result_json(
             request_id=incoming.request_id,
             service=incoming.service,
@@ -348,9 +388,8 @@ class Dispatcher:
         return [*out, Ack(req.mid)]
 
     def _error(self, req: _Request, code: Code, message: str) -> list[Action]:
-        self.counters.answered += 1
-        self.counters.errors[code.value] = self.counters.errors.get(code.value, 0) + 1
         i = req.incoming
+        self.counters.answer(i.service, code.value)
         payload = result_json(
             request_id=i.request_id,
             service=i.service,
@@ -461,11 +500,9 @@ class Dispatcher:
         if answer.kind == "result":
             if rep is not None:
                 rep.served += 1
-            self.counters.answered += 1
-            if not answer.ok:
-                code = answer.code or "error"
-                self.counters.errors[code] = self.counters.errors.get(code, 0) + 1
             i = req.incoming
+            code = None if answer.ok else (answer.code or "error")
+            self.counters.answer(i.service, code, now - req.arrived)
             out += self._finish(req, Reply(i.reply, body, i.correlation))
         elif answer.kind == "tensors":
             if rep is not None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mqinfer.coordinator.agent import read, subscriptions
 from mqinfer.coordinator.registry import NodeRecord, Registry
-from mqinfer.mqtt import Brokers, Connection, Message
+from mqinfer.mqtt import Brokers, Connection, Message, MQTTError
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import ProtocolError
 from mqinfer.protocol.topics import TopicError, Topics
@@ -202,3 +203,49 @@ def as_text(view: dict[str, Any]) -> str:
     else:
         lines.append("no services")
     return "\n".join(lines)
+
+
+def watch(
+    url: Brokers,
+    topics: Topics,
+    protocol: str,
+    every: float,
+    show: Callable[[dict[str, Any]], None],
+    stop: threading.Event,
+    settle: float = 0.5,
+) -> None:
+    """`mqinfer status --watch`: one subscription kept open, the view shown every `every`
+    seconds until `stop` is set. A lost connection is opened again (the retained state
+    comes again with it); the first connection's failure is raised (MQTTError)."""
+    registry = Registry()
+    lock = threading.Lock()
+
+    def on_message(message: Message) -> None:
+        with lock:
+            try:
+                read(topics, registry, message, time.monotonic())
+            except (ProtocolError, TopicError) as e:
+                log.warning("ignored message on %s: %s", message.topic, e)
+
+    first = True
+    while not stop.is_set():
+        conn = Connection(url, f"mqinfer-status-{time.time_ns():x}", on_message, protocol=protocol)
+        try:
+            conn.open()
+            conn.subscribe(subscriptions(topics))
+        except MQTTError:
+            conn.drop()
+            if first:
+                raise
+            stop.wait(every)
+            continue
+        first = False
+        try:
+            stop.wait(settle)
+            while not stop.is_set() and conn.alive:
+                with lock:
+                    view = as_json(registry)
+                show(view)
+                stop.wait(every)
+        finally:
+            conn.close()

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import time
+from typing import Any
 
 import orjson
 
 from mqinfer import options
-from mqinfer.coordinator import hub, status
+from mqinfer.coordinator import hub, status, web
 from mqinfer.coordinator.agent import FORGET_AFTER, CoordinatorAgent
 from mqinfer.coordinator.registry import Registry
-from mqinfer.mqtt import AuthRefused, MQTTError, session
+from mqinfer.mqtt import AuthRefused, Brokers, MQTTError, session
+from mqinfer.protocol.topics import Topics
+
+log = logging.getLogger("mqinfer.coordinator")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -45,6 +51,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         help="seconds a node stays lost or offline before it is forgotten and its retained "
         "topics cleared (env MQINFER_FORGET_AFTER; default %(default)s)",
     )
+    p.add_argument(
+        "--http",
+        metavar="[HOST:]PORT",
+        default=options.env("HTTP", "") or None,
+        help="serve the live cluster page (/), its events (/events), /status.json and "
+        "Prometheus metrics (/metrics) on this address; a port alone listens on 127.0.0.1 "
+        "only, 0.0.0.0:PORT on every interface (env MQINFER_HTTP; default: off)",
+    )
     options.add_common(p)
     p.set_defaults(func=run_coordinator, parser=p)
 
@@ -59,6 +73,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         type=float,
         default=0.5,
         help="seconds without new retained messages before printing (default %(default)s)",
+    )
+    s.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="redraw the table every SECONDS (default 2) from a live subscription, until "
+        "Ctrl-C; with --json, one JSON view per line",
     )
     options.add_common(s)
     s.set_defaults(func=run_status, parser=s)
@@ -79,12 +102,29 @@ def run_coordinator(args: argparse.Namespace) -> int:
         forget_after=args.forget_after,
         max_request_bytes=int(args.max_request_mb * 2**20),
     )
+    server: web.Server | None = None
+    if args.http:
+        try:
+            host, port = web.parse_address(args.http)
+            server = web.serve(agent, host, port)
+        except web.AddressError as e:
+            args.parser.error(f"--http: {e}")
+        except OSError as e:
+            args.parser.error(f"--http {args.http}: cannot listen there: {e.strerror or e}")
+        else:
+            log.info("serving the cluster page on %s (metrics: %smetrics)", server.url, server.url)
     stop = options.stop_on_signals()
-    return hub.run(agent, url, stop, protocol=args.mqtt_version)
+    try:
+        return hub.run(agent, url, stop, protocol=args.mqtt_version)
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def run_status(args: argparse.Namespace) -> int:
     url, topics = options.resolve(args.parser, args)
+    if args.watch is not None:
+        return _watch(args, url, topics)
     try:
         registry = status.collect(url, topics, args.mqtt_version, settle=args.settle)
     except MQTTError as e:
@@ -95,4 +135,27 @@ def run_status(args: argparse.Namespace) -> int:
         sys.stdout.write(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print(status.as_text(view))
+    return 0
+
+
+def _watch(args: argparse.Namespace, url: Brokers, topics: Topics) -> int:
+    if not args.watch > 0:
+        args.parser.error("--watch: expected a number of seconds > 0")
+    stop = options.stop_on_signals()
+    tty = sys.stdout.isatty()
+
+    def show(view: dict[str, Any]) -> None:
+        if args.json:
+            sys.stdout.write(orjson.dumps(view).decode() + "\n")
+        else:
+            clear = "\x1b[H\x1b[2J" if tty else ""
+            stamp = time.strftime("%H:%M:%S")
+            sys.stdout.write(f"{clear}{status.as_text(view)}\n\n{stamp}, every {args.watch:g} s\n")
+        sys.stdout.flush()
+
+    try:
+        status.watch(url, topics, args.mqtt_version, args.watch, show, stop, settle=args.settle)
+    except MQTTError as e:
+        print(f"mqinfer status: error: {e}", file=sys.stderr)
+        return session.EXIT_AUTH if isinstance(e, AuthRefused) else 1
     return 0

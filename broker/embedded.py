@@ -22,6 +22,7 @@ Production deployments use Mosquitto with password and ACL files, see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 from collections.abc import Callable, Iterator
@@ -80,6 +81,41 @@ def broker_config(host: str, port: int) -> dict[str, Any]:
 ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
 
 
+CONNECT_HEAD_WAIT = 10.0  # seconds for a new connection's first bytes
+# CONNACK, remaining length 3: no session present, reason 0x84, no properties.
+MQTT5_REFUSAL = b"\x20\x03\x00\x84\x00"
+
+
+async def _connect_head(reader: asyncio.StreamReader) -> bytes:
+    """The first bytes of a connection, up to a CONNECT's protocol level (fewer for a
+    first packet that is not a CONNECT)."""
+    head = await reader.readexactly(1)
+    if head[0] >> 4 != 1:  # not CONNECT: amqtt says what is wrong
+        return head
+    for _ in range(4):  # the remaining length, 1-4 bytes
+        byte = await reader.readexactly(1)
+        head += byte
+        if not byte[0] & 0x80:
+            break
+    size = await reader.readexactly(2)
+    name_length = int.from_bytes(size, "big")
+    if name_length > 6:  # "MQTT" or "MQIsdp": anything longer is amqtt's to refuse
+        return head + size
+    return head + size + await reader.readexactly(name_length + 1)
+
+
+def _protocol_level(head: bytes) -> int | None:
+    """The protocol level of a CONNECT read by `_connect_head`; None if not there."""
+    if len(head) < 5 or head[0] >> 4 != 1:
+        return None
+    i = 1
+    while head[i] & 0x80:
+        i += 1
+    name_length = int.from_bytes(head[i + 1 : i + 3], "big")
+    at = i + 3 + name_length
+    return head[at] if len(head) > at else None
+
+
 class _Snapshots(dict[str, Any]):
     """amqtt's table of subscriptions, iterated over a copy.
 
@@ -101,6 +137,31 @@ class _Broker(Broker):  # type: ignore[misc]
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         self._subscriptions = _Snapshots(self._subscriptions)  # type: ignore[has-type]
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        # amqtt answers an MQTT 5 CONNECT with a 3.1.1 CONNACK, which MQTT 5 clients cannot
+        # read: mosquitto_pub -V 5 and Node-RED set to MQTT 5 waited forever, nothing
+        # logged. An MQTT 5 CONNECT gets an MQTT 5 CONNACK, reason 0x84 (unsupported
+        # protocol version), and the connection is closed; anything else goes to amqtt
+        # with the bytes read put back.
+        try:
+            head = await asyncio.wait_for(_connect_head(reader), CONNECT_HEAD_WAIT)
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            writer.close()
+            return
+        level = _protocol_level(head)
+        if level == 5:
+            peer = writer.get_extra_info("peername")
+            log.info("refused an MQTT 5 client %s: this broker speaks MQTT 3.1.1 only", peer)
+            with contextlib.suppress(ConnectionError):
+                writer.write(MQTT5_REFUSAL)
+                await writer.drain()
+            writer.close()
+            return
+        reader._buffer[0:0] = head  # type: ignore[attr-defined]  # amqtt reads it again
+        await super().stream_connected(reader, writer, listener_name)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Any
@@ -162,24 +223,15 @@ async def _shutdown(broker: Broker) -> None:
 
 
 class _ExpectedRefusals(logging.Filter):
-    """Keep amqtt's log about refused connections to one line each, and MQTT 5 quiet.
+    """Keep amqtt's log about refused connections to one line each.
 
     amqtt logs every refused CONNECT twice at WARNING: "Invalid connection from ..." and
-    then "Failed to initialize client session: <reason>". The first adds nothing. An
-    MQTT 5 CONNECT is refused by design and mqinfer clients then retry with 3.1.1, so
-    that refusal is logged at INFO.
+    then "Failed to initialize client session: <reason>". The first adds nothing. (MQTT 5
+    CONNECTs never reach amqtt: `_Broker.stream_connected` refuses them, at INFO.)
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if text.startswith("Invalid connection from"):
-            return False
-        if text.startswith("Failed to initialize client session: Invalid protocol") and (
-            text.endswith(": 5")
-        ):
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
-        return True
+        return not record.getMessage().startswith("Invalid connection from")
 
 
 async def serve(host: str, port: int, stop: asyncio.Event) -> None:

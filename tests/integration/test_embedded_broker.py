@@ -300,3 +300,28 @@ def test_clients_that_connect_while_others_subscribe_keep_their_connections(
     running_broker.proc.terminate()
     running_broker.proc.wait(timeout=WAIT)
     assert "changed size during iteration" not in running_broker.stderr_after_exit()
+
+
+def test_mosquitto_pub_over_mqtt5_is_told_the_version_is_not_supported(
+    running_broker: BrokerProcess,
+) -> None:
+    """mosquitto_pub -V 5 (and Node-RED set to MQTT 5) waited forever: amqtt answered with
+    a 3.1.1 CONNACK they cannot read. Now an MQTT 5 CONNACK with reason 0x84 tells them."""
+    from tests.integration.harness import need_client_tool
+
+    pub = need_client_tool("mosquitto_pub")
+    out = subprocess.run(
+        [pub, "-p", str(running_broker.port), "-V", "5", "-t", "it/x", "-m", "y"],
+        capture_output=True,
+        text=True,
+        timeout=30,  # a bound: it used to hang
+    )
+    assert out.returncode != 0
+    assert "Unsupported Protocol Version" in out.stdout + out.stderr
+    ok = subprocess.run(
+        [pub, "-p", str(running_broker.port), "-V", "311", "-t", "it/x", "-m", "y"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert ok.returncode == 0, ok.stderr

@@ -186,6 +186,7 @@ class Counters:
         """A request was answered (code: its error, None when ok), `seconds` after it came."""
         self.answered += 1
         if code is not None:
+            code = code if code in CODES else "other"  # a node's code is any short string
             self.errors[code] = self.errors.get(code, 0) + 1
         s = self.services.get(service)
         if s is None:
@@ -194,7 +195,6 @@ class Counters:
             s = self.services.setdefault(service, ServiceCounters())
         s.answered += 1
         if code is not None:
-            code = code if code in CODES else "other"  # a node's code is any short string
             s.errors[code] = s.errors.get(code, 0) + 1
         if seconds is not None:
             seconds = max(0.0, seconds)

@@ -316,3 +316,16 @@ def test_requests_that_come_before_the_replicas_are_known_wait_for_them() -> Non
     assert work.request_id == "r1" and work.age_ms == 500.0
     n.answer(node, work, 0.6)
     assert n.results() == Counter({"r1": 1}) and n.acks == [1]
+
+
+def test_error_codes_a_node_makes_up_are_counted_as_other() -> None:
+    """A node chooses the code of its error results: a hostile one must not grow the
+    counts the hub keeps (and sends in every heartbeat) without bound."""
+    from mqinfer.coordinator.dispatch import Counters
+
+    counters = Counters()
+    for i in range(100):
+        counters.answer("svc", f"made-up-{i}")
+    counters.answer("svc", "busy")
+    assert counters.errors == {"other": 100, "busy": 1}
+    assert counters.services["svc"].errors == {"other": 100, "busy": 1}

@@ -35,7 +35,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "--missed-beats",
         type=float,
         default=options.env("MISSED_BEATS", "3"),
-        help="a node is lost after this many heartbeat intervals of silence (default 3)",
+        help="a node is lost after this many heartbeat intervals of silence "
+        "(default 3; MQINFER_MISSED_BEATS)",
     )
     p.add_argument(
         "--max-request-mb",

@@ -37,6 +37,7 @@ class Replica:
     attempts: int = 0
     ready_wall: float = 0.0  # wall clock when it became ready (compared with heartbeats)
     reason: str | None = None
+    runtime: str | None = None  # what it serves with, as the deploy reply said
 
 
 @dataclass
@@ -131,6 +132,9 @@ class Provisioner:
             return
         if reply.ok:
             rep.state, rep.reason, rep.ready_wall = "ready", None, time.time()
+            in_place = reply.result.get("already") is True
+            runtime = m.runtime_name(reply.result.get("runtime"))
+            rep.runtime = runtime or (rep.runtime if in_place else None)
             log.info("service %s: replica on %s ready", name, node)
         else:
             why = f"{reply.error.code}: {reply.error.message}" if reply.error else "failed"
@@ -227,6 +231,8 @@ class Provisioner:
             args["stage"] = svc.stage
         cmd = self._command(svc, rep.node, "deploy", args)
         rep.state = "ready" if in_place else "deploying"
+        if not in_place:
+            rep.runtime = None  # reloaded: the node may measure another runtime faster
         rep.cmd_id, rep.sent, rep.spec = cmd.id, now, svc.spec
         rep.session = rec.session if rec else None
         rep.attempts += 1
@@ -252,7 +258,12 @@ class Provisioner:
                 continue
             if r.state == "ready" and rec is not None and rec.state == "online":
                 svc.replicas[r.node] = Replica(
-                    r.node, "ready", rec.session, svc.spec, ready_wall=time.time()
+                    r.node,
+                    "ready",
+                    rec.session,
+                    svc.spec,
+                    ready_wall=time.time(),
+                    runtime=r.runtime,
                 )
         log.info("service %s: adopted replicas on %s", svc.name, sorted(svc.replicas))
 
@@ -418,6 +429,7 @@ def _status(svc: Service, spec: m.ServiceSpec, refused: dict[str, str]) -> m.Ser
             state=r.state,
             reason=r.reason,
             stage=stage,
+            runtime=r.runtime,
         )
         for r in sorted(svc.replicas.values(), key=lambda r: r.node)
     ]

@@ -16,10 +16,13 @@ import platform
 import socket
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Literal
 
 from mqinfer.node import edgetpu, gpus, sysinfo
+from mqinfer.node.runtimes import openvino as openvino_runtime
 from mqinfer.node.sysinfo import one_line
 from mqinfer.protocol.messages import Accelerator, Capabilities, Host, Runtime
 
@@ -80,6 +83,7 @@ _RUNTIMES = (
         ),
         ("onnx",),
     ),
+    _RuntimeSpec("openvino", "openvino", ("openvino",), ("tflite", "onnx")),
 )
 
 
@@ -107,12 +111,39 @@ def _distribution(spec: _RuntimeSpec, module: ModuleType) -> tuple[str, str]:
     return spec.packages[0], str(module_version or "unknown")
 
 
-def probe_runtimes() -> Probe:
-    """Import each runtime, then look for the accelerators those runtimes can reach."""
+def _openvino_accelerators(module: ModuleType) -> tuple[list[str], list[Accelerator], str]:
+    """OpenVINO's devices ('CPU', 'GPU', 'NPU', ...), the accelerators among them (its GPUs
+    and NPUs: the CPU is the node's cpu), and why there is none."""
+    try:
+        found = openvino_runtime.devices(module)
+    except Exception as exc:
+        return [], [], f"openvino lists no device: {_import_failure(exc)}"
+    kinds: dict[str, Literal["gpu", "npu"]] = {"GPU": "gpu", "NPU": "npu"}
+    accelerators = [
+        Accelerator(
+            kind=kinds[device.partition(".")[0]],
+            name=name,
+            runtime="openvino",
+            detail={"device": device},
+        )
+        for device, name in found
+        if device.partition(".")[0] in kinds
+    ]
+    why = "" if found else "openvino imports but lists no device (Core().available_devices)"
+    return [device for device, _ in found], accelerators, why
+
+
+def probe_runtimes(only: Collection[str] | None = None) -> Probe:
+    """Import each runtime (those in `only`, when given: `mqinfer node --runtime`), then
+    look for the accelerators those runtimes can reach."""
     modules: dict[str, ModuleType] = {}
     runtimes: dict[str, Runtime] = {}
     absent: dict[str, str] = {}
+    extra: list[Accelerator] = []
     for spec in _RUNTIMES:
+        if only is not None and spec.key not in only:
+            absent[spec.key] = f"not used on this node (--runtime {', '.join(only)})"
+            continue
         try:
             module = importlib.import_module(spec.module)
         except Exception as exc:  # a broken native build raises more than ImportError
@@ -122,6 +153,12 @@ def probe_runtimes() -> Probe:
         providers: list[str] = []
         if spec.key == "onnxruntime":
             providers = [str(p) for p in module.get_available_providers()]
+        elif spec.key == "openvino":
+            providers, devices, why = _openvino_accelerators(module)
+            if not providers:
+                absent[spec.key] = why
+                continue
+            extra += devices
         modules[spec.key] = module
         runtimes[spec.key] = Runtime(
             package=package, version=version, formats=list(spec.formats), providers=providers
@@ -148,12 +185,18 @@ def probe_runtimes() -> Probe:
         absent["edgetpu"] = tpu_absent
 
     ort = modules.get("onnxruntime")
-    if ort is None:
-        absent["gpu"] = f"onnxruntime does not import: {absent['onnxruntime']}"
+    found: list[Accelerator] = []
+    reasons: dict[str, str] = {}
+    if ort is None and only is not None and "onnxruntime" not in only:
+        reasons["gpu"] = f"onnxruntime {absent['onnxruntime']}"
+    elif ort is None:
+        reasons["gpu"] = f"onnxruntime does not import: {absent['onnxruntime']}"
     else:
         found, reasons = gpus.onnx_accelerators(ort, runtimes["onnxruntime"])
-        accelerators += found
-        absent.update(reasons)
+    accelerators += found + extra
+    for kind, why in reasons.items():  # a GPU or NPU OpenVINO reaches is not absent
+        if not any(a.kind == kind for a in extra):
+            absent[kind] = why
 
     return Probe(
         runtimes=runtimes,

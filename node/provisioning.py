@@ -135,7 +135,14 @@ class Provisioning:
         current = agent.replicas.get(slot)
         if current is not None and current.update(spec):
             self._done(
-                cmd, {"service": spec.name, "stage": stage, "state": "ready", "already": True}
+                cmd,
+                {
+                    "service": spec.name,
+                    "stage": stage,
+                    "state": "ready",
+                    "already": True,
+                    "runtime": current.runtime,
+                },
             )
             return
         if spec.format not in agent.backends:
@@ -187,7 +194,13 @@ class Provisioning:
         if conn is None:
             raise NotConnected("the connection was lost while the model loaded")
         agent.announce(conn)  # the cache changed
-        log.info("%s: serving %s (%s)", agent.name, slot, spec.for_stage(stage).model)
+        log.info(
+            "%s: serving %s (%s) with %s",
+            agent.name,
+            slot,
+            spec.for_stage(stage).model,
+            replica.runtime,
+        )
         self._done(cmd, {"service": spec.name, "stage": stage, "state": "ready", **detail})
 
     def _undeploy(self, cmd: m.Command, name: str, stage: int | None, gens: dict[str, int]) -> None:

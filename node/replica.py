@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from mqinfer.node.jobs import Job, Served, Serving, release, serve
-from mqinfer.node.runtimes import Backend, Model, RuntimeFailure, warm_up
+from mqinfer.node.runtimes import (
+    Backend,
+    Model,
+    RuntimeFailure,
+    candidates,
+    fastest,
+    label,
+    warm_up,
+)
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import Code, ProtocolError
 from mqinfer.protocol.manifest import TensorInfo
@@ -54,7 +62,9 @@ class Replica:
         self.stage = stage  # None: the whole model; else this pipeline stage
         self.slot = m.slot(spec.name, stage)
         self.path = path
-        self.backend = backend
+        self.backend = backend  # a runtime, or Candidates: the fastest is measured at load
+        self.runtime = label(backend)  # the runtime it serves with
+        self.measured_ms: dict[str, float] = {}  # runtime -> ms on zeros, when it chose
         self.answer = answer
         self.max_request_bytes = max_request_bytes
         self.state = "loading"
@@ -80,7 +90,10 @@ class Replica:
         """Load one model per worker and warm each up; raise ProtocolError(LOAD_FAILED)."""
         t0 = time.perf_counter()
         try:
-            for _ in range(self.workers):
+            runtimes = candidates(self.backend)
+            if len(runtimes) > 1:
+                self._models.append(self._fastest(runtimes))
+            while len(self._models) < self.workers:
                 self._models.append(self.backend.load(str(self.path), self.spec.threads))
             t1 = time.perf_counter()
             for model in self._models:
@@ -94,12 +107,26 @@ class Replica:
             self.close()
             self.state = "failed"
             raise ProtocolError(Code.LOAD_FAILED, f"{self.spec.model}: {e}") from None
-        return {
+        detail: dict[str, Any] = {
             "load_ms": round((t1 - t0) * 1000, 2),
             "warmup_ms": round((t2 - t1) * 1000, 2),
+            "runtime": self.runtime,
             "inputs": [t.model_dump(exclude_none=True) for t in first.inputs],
             "outputs": [t.model_dump(exclude_none=True) for t in first.outputs],
         }
+        if self.measured_ms:
+            detail["measured_ms"] = {k: round(v, 4) for k, v in self.measured_ms.items()}
+        return detail
+
+    def _fastest(self, runtimes: list[Backend]) -> Model:
+        """Measure the runtimes that can run the model and serve with the fastest; its
+        model (loaded and run) is the first worker's."""
+        measured = fastest(runtimes, str(self.path), self.spec.threads)
+        self.backend = measured.backend
+        self.runtime = measured.runtime
+        self.measured_ms = dict(measured.ms)
+        log.info("%s: %s", self.slot, measured.summary())
+        return measured.model
 
     def _output_order(self, outputs: list[TensorInfo]) -> list[int]:
         """The last stage answers with the whole model's outputs in the whole model's order

@@ -7,6 +7,7 @@ can add fields without breaking older ones; `v` is the major protocol version ([
 from __future__ import annotations
 
 import base64
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -324,6 +325,21 @@ def needs_reload(old: ServiceSpec, new: ServiceSpec) -> bool:
 
 
 ReplicaState = Literal["deploying", "ready", "failed", "removing"]
+# A runtime as a node reports it in a deploy reply: 'litert', 'onnxruntime', 'openvino GPU'.
+RUNTIME_NAME = r"^[A-Za-z0-9_.\-]+( [A-Za-z0-9_.\-]+)?$"
+RUNTIME_NAME_MAX = 64
+
+
+def runtime_name(value: object) -> str | None:
+    """The `runtime` of a deploy reply's result when it is a runtime name, else None (a
+    node's reply is input: a bad one must not spoil the status built from it)."""
+    if (
+        isinstance(value, str)
+        and len(value) <= RUNTIME_NAME_MAX
+        and re.fullmatch(RUNTIME_NAME, value)
+    ):
+        return value
+    return None
 
 
 class ReplicaStatus(BaseModel):
@@ -333,6 +349,12 @@ class ReplicaStatus(BaseModel):
     state: ReplicaState
     reason: str | None = None
     stage: int | None = Field(None, description="Pipeline stage it runs; None: the whole model")
+    runtime: str | None = Field(
+        None,
+        max_length=RUNTIME_NAME_MAX,
+        pattern=RUNTIME_NAME,
+        description="The runtime it serves with, as its node's deploy reply said",
+    )
 
 
 class ServiceStatus(Wire):

@@ -13,7 +13,7 @@ from mqinfer.mqtt import session
 from mqinfer.node.agent import NodeAgent
 from mqinfer.node.capabilities import probe_host, probe_runtimes
 from mqinfer.node.fetch import META_WAIT
-from mqinfer.node.runtimes import available_backends
+from mqinfer.node.runtimes import RUNTIMES, available_backends, unknown_runtimes
 from mqinfer.protocol import signing
 
 log = logging.getLogger("mqinfer.node")
@@ -93,6 +93,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "artificial_slowdown, never as hardware (default 1: off)",
     )
     p.add_argument(
+        "--runtime",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help=f"use only this runtime ({', '.join(RUNTIMES)}); repeatable. Where several "
+        "runtimes can run a model, the node measures each at deploy and serves with the "
+        "fastest; it announces only the runtimes it uses, and stops with an error if one "
+        "named does not import here (env MQINFER_RUNTIMES, comma-separated; default: "
+        "every runtime that imports)",
+    )
+    p.add_argument(
         "--trust-key",
         type=Path,
         action="append",
@@ -122,13 +133,42 @@ def trusted_keys(parser: argparse.ArgumentParser, paths: list[Path] | None) -> s
     return signing.trusted(keys)
 
 
+def runtimes_wanted(parser: argparse.ArgumentParser, names: list[str] | None) -> list[str] | None:
+    """The runtimes of --runtime, or else of MQINFER_RUNTIMES; None: every one. A name
+    that is not a runtime stops the node with a message listing the known ones."""
+    source = "--runtime"
+    if names is None:
+        names = [options.env("RUNTIMES", "")]
+        source = "MQINFER_RUNTIMES"
+    wanted = [n.strip() for text in names for n in text.split(",") if n.strip()]
+    if not wanted:
+        if source == "--runtime":
+            parser.error("--runtime: expected a runtime name")
+        return None
+    unknown = unknown_runtimes(wanted)
+    if unknown:
+        parser.error(
+            f"{source}: unknown runtime {', '.join(repr(n) for n in unknown)}; "
+            f"expected {', '.join(RUNTIMES)}"
+        )
+    return list(dict.fromkeys(wanted))
+
+
 def run(args: argparse.Namespace) -> int:
     url, topics = options.resolve(args.parser, args)
     node_id = args.id
     if args.heartbeat <= 0:
         args.parser.error("--heartbeat: expected a number of seconds > 0")
+    wanted = runtimes_wanted(args.parser, args.runtime)
     host = probe_host()
-    probe = probe_runtimes()
+    probe = probe_runtimes(wanted)
+    missing = [name for name in wanted or () if name not in probe.runtimes]
+    if missing:
+        args.parser.error(
+            "; ".join(
+                f"runtime {name} is not usable here: {probe.absent[name]}" for name in missing
+            )
+        )
     log.info(
         "node %s: %s, %d cores; runtimes %s; accelerators %s",
         node_id,
@@ -158,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("node %s: runs only specs signed by trusted keys %s", node_id, ", ".join(trusted))
     else:
         log.info("node %s: no trusted keys (--trust-key): runs any spec, signed or not", node_id)
-    backends = available_backends()
+    backends = available_backends(wanted)
     agent = NodeAgent(
         node_id,
         topics,

@@ -277,6 +277,7 @@ def test_quiet_teardown_drops_only_the_delegate_noise(monkeypatch: pytest.Monkey
 
 def test_onnxruntime_import_error_moves_to_absent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # it runs .onnx files too
     probe = caps.probe_runtimes()
     assert "onnxruntime" not in probe.runtimes
     assert "onnxruntime" in probe.absent["onnxruntime"]
@@ -287,13 +288,18 @@ def test_onnxruntime_import_error_moves_to_absent(monkeypatch: pytest.MonkeyPatc
 
 
 def test_no_runtime_at_all_still_lists_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter", "onnxruntime"):
+    for name in (
+        "ai_edge_litert.interpreter",
+        "tflite_runtime.interpreter",
+        "onnxruntime",
+        "openvino",
+    ):
         monkeypatch.setitem(sys.modules, name, None)
     probe = caps.probe_runtimes()
     assert probe.runtimes == {}
     assert probe.formats == []
     assert [(a.kind, a.runtime) for a in probe.accelerators] == [("cpu", "")]
-    assert {"litert", "tflite_runtime", "onnxruntime"} <= set(probe.absent)
+    assert {"litert", "tflite_runtime", "onnxruntime", "openvino"} <= set(probe.absent)
     assert "no TFLite runtime" in probe.absent["edgetpu"]
     Capabilities.model_validate_json(
         caps.capabilities("n", 1, probe, caps.probe_host()).model_dump_json()

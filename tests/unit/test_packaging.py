@@ -7,6 +7,7 @@ import them, the same as a machine that installed mqinfer without that extra.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -21,10 +22,10 @@ import pytest
 from mqinfer.demo import as_directory, packaged_digits
 from mqinfer.servicefile import load_spec_file
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path("/work/main")
 DIGITS = REPO / "models" / "digits"
 SHIPPED = ["service.yaml", "digits_int8.tflite", "digits_int8.json"]
-RUNTIME_PACKAGES = ("ai_edge_litert", "tflite_runtime", "onnxruntime", "onnx")
+RUNTIME_PACKAGES = ("ai_edge_litert", "tflite_runtime", "onnxruntime", "onnx", "openvino")
 
 # Put in front of every other finder: importing a hidden package (or anything in it) fails
 # as it does where the package is not installed.
@@ -152,7 +153,8 @@ def test_the_command_line_imports_no_runtime() -> None:
         import mqinfer.cli.broker, mqinfer.cli.coordinator, mqinfer.cli.node
         import mqinfer.demo, mqinfer.split
         top = {m.partition(".")[0] for m in sys.modules}
-        print(",".join(sorted(top & {"ai_edge_litert", "tflite_runtime", "onnxruntime", "onnx"})))
+        runtimes = {"ai_edge_litert", "tflite_runtime", "onnxruntime", "onnx", "openvino"}
+        print(",".join(sorted(top & runtimes)))
         """,
     )
     assert out.strip() == ""
@@ -205,15 +207,17 @@ def probe(hidden: tuple[str, ...]) -> dict[str, object]:
 
 
 def test_node_announces_both_runtimes_when_both_import() -> None:
-    """The control for the tests below: this environment (`.[dev]`) has both runtimes."""
+    """The control for the tests below: this environment (`.[dev]`) has LiteRT and ONNX
+    Runtime, and OpenVINO where `[openvino]` was installed too."""
     found = probe(())
-    assert found["runtimes"] == ["litert", "onnxruntime"]
+    openvino = importlib.util.find_spec("openvino") is not None
+    assert found["runtimes"] == ["litert", "onnxruntime"] + (["openvino"] if openvino else [])
     assert found["formats"] == ["tflite", "onnx"]
     assert found["backends"] == ["onnx", "tflite"]
 
 
 def test_node_without_litert_announces_only_onnxruntime() -> None:
-    found = probe(("ai_edge_litert", "tflite_runtime"))
+    found = probe(("ai_edge_litert", "tflite_runtime", "openvino"))
     assert found["runtimes"] == ["onnxruntime"]
     assert found["formats"] == ["onnx"]
     assert found["cpu"] == ["onnxruntime"]
@@ -225,7 +229,7 @@ def test_node_without_litert_announces_only_onnxruntime() -> None:
 
 
 def test_node_without_onnxruntime_announces_only_litert() -> None:
-    found = probe(("onnxruntime",))
+    found = probe(("onnxruntime", "openvino"))
     assert found["runtimes"] == ["litert"]
     assert found["formats"] == ["tflite"]
     assert found["cpu"] == ["litert"]
@@ -247,9 +251,9 @@ def test_node_with_no_runtime_announces_none() -> None:
 @pytest.mark.parametrize(
     ("model", "hidden", "extra"),
     [
-        ("digits_int8.tflite", ("ai_edge_litert", "tflite_runtime"), "litert"),
+        ("digits_int8.tflite", ("ai_edge_litert", "tflite_runtime", "openvino"), "litert"),
         ("digits.onnx", ("onnx",), "split"),
-        ("digits.onnx", ("onnxruntime",), "split"),
+        ("digits.onnx", ("onnxruntime", "openvino"), "split"),
     ],
 )
 def test_split_names_the_extra_to_install(

@@ -9,7 +9,7 @@ own. Inputs and outputs are described as the runtime reports them, with the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -65,6 +65,26 @@ def check_arity(inputs: Sequence[np.ndarray], specs: Sequence[TensorInfo]) -> No
         raise RuntimeFailure(
             f"the model takes {len(specs)} input(s) ({names}), {len(inputs)} were given"
         )
+
+
+def fits(shape: Sequence[int], expected: Sequence[int]) -> bool:
+    """Whether an array of `shape` fits a tensor of `expected` shape (-1: any size)."""
+    return len(shape) == len(expected) and all(
+        want < 0 or got == want for got, want in zip(shape, expected, strict=True)
+    )
+
+
+def check_inputs(
+    inputs: Sequence[np.ndarray], specs: Sequence[TensorInfo], dtypes: Sequence[np.dtype[Any]]
+) -> None:
+    """Raise RuntimeFailure naming the first input of the wrong count, dtype or shape."""
+    check_arity(inputs, specs)
+    for spec, dtype, array in zip(specs, dtypes, inputs, strict=True):
+        if array.dtype != dtype:
+            raise RuntimeFailure(f"input {describe(spec)} cannot take a {array.dtype.name} array")
+        if not fits(array.shape, spec.shape):
+            got = ",".join(str(d) for d in array.shape)
+            raise RuntimeFailure(f"input {describe(spec)} cannot take an array of shape [{got}]")
 
 
 def describe(spec: TensorInfo) -> str:

@@ -11,14 +11,14 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from mqinfer.node.runtimes.base import RuntimeFailure, check_arity, describe
+from mqinfer.node.runtimes.base import RuntimeFailure, check_arity, describe, fits
 from mqinfer.node.sysinfo import one_line
 from mqinfer.protocol.manifest import Quantization, TensorInfo
 
@@ -87,11 +87,6 @@ def tensor_info(detail: dict[str, Any]) -> TensorInfo:
     )
 
 
-def _fits(shape: Sequence[int], signature: Sequence[int]) -> bool:
-    return len(shape) == len(signature) and all(
-        want < 0 or got == want for got, want in zip(shape, signature, strict=True)
-    )
-
 
 class LiteRTModel:
     """One TFLite interpreter. Not thread-safe."""
@@ -112,7 +107,7 @@ class LiteRTModel:
     def _resize(self, position: int, shape: tuple[int, ...]) -> None:
         """Resize an input whose new shape differs only in dynamic dimensions."""
         spec = self.inputs[position]
-        if not _fits(shape, spec.shape):
+        if not fits(shape, spec.shape):
             got = ",".join(str(d) for d in shape)
             raise RuntimeFailure(f"input {describe(spec)} cannot take an array of shape [{got}]")
         self._interpreter.resize_tensor_input(self._input_index[position], list(shape), strict=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from mqinfer.node.runtimes.base import RuntimeFailure, check_arity, describe
+from mqinfer.node.runtimes.base import RuntimeFailure, check_inputs
 from mqinfer.node.sysinfo import one_line
 from mqinfer.protocol.manifest import TensorInfo
 
@@ -50,11 +50,6 @@ def providers_in_order(available: Sequence[str]) -> list[str]:
     return [*local, CPU_PROVIDER]
 
 
-def _fits(shape: Sequence[int], expected: Sequence[int]) -> bool:
-    return len(shape) == len(expected) and all(
-        want < 0 or got == want for got, want in zip(shape, expected, strict=True)
-    )
-
 
 class OnnxModel:
     """One InferenceSession. Used from one worker thread at a time."""
@@ -73,17 +68,7 @@ class OnnxModel:
         session = self._session
         if session is None:
             raise RuntimeFailure(f"{self._path} is closed")
-        check_arity(inputs, self.inputs)
-        for spec, dtype, array in zip(self.inputs, self._dtypes, inputs, strict=True):
-            if array.dtype != dtype:
-                raise RuntimeFailure(
-                    f"input {describe(spec)} cannot take a {array.dtype.name} array"
-                )
-            if not _fits(array.shape, spec.shape):
-                got = ",".join(str(d) for d in array.shape)
-                raise RuntimeFailure(
-                    f"input {describe(spec)} cannot take an array of shape [{got}]"
-                )
+        check_inputs(inputs, self.inputs, self._dtypes)
         try:
             results = session.run(
                 self._output_names, dict(zip(self._input_names, inputs, strict=True))

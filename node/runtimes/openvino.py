@@ -13,13 +13,12 @@ OpenVINO does not report a TFLite tensor's quantization, so it is read from the 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from mqinfer.node.runtimes.base import RuntimeFailure, check_arity, describe
+from mqinfer.node.runtimes.base import RuntimeFailure, check_inputs
 from mqinfer.node.sysinfo import one_line
 from mqinfer.protocol.manifest import Quantization, TensorInfo
 
@@ -183,11 +182,6 @@ def tensor_info(
     return TensorInfo(name=name, dtype=dtype, shape=shape, quantization=quantization)
 
 
-def _fits(shape: Sequence[int], expected: Sequence[int]) -> bool:
-    return len(shape) == len(expected) and all(
-        want < 0 or got == want for got, want in zip(shape, expected, strict=True)
-    )
-
 
 class OpenVinoModel:
     """One compiled model and its infer request. Used from one worker thread at a time."""
@@ -225,17 +219,7 @@ class OpenVinoModel:
         request = self._request
         if request is None:
             raise RuntimeFailure(f"{self._path} is closed")
-        check_arity(inputs, self.inputs)
-        for spec, dtype, array in zip(self.inputs, self._dtypes, inputs, strict=True):
-            if array.dtype != dtype:
-                raise RuntimeFailure(
-                    f"input {describe(spec)} cannot take a {array.dtype.name} array"
-                )
-            if not _fits(array.shape, spec.shape):
-                got = ",".join(str(d) for d in array.shape)
-                raise RuntimeFailure(
-                    f"input {describe(spec)} cannot take an array of shape [{got}]"
-                )
+        check_inputs(inputs, self.inputs, self._dtypes)
         try:
             # The request reads the arrays in place (shared_memory) and is given them one by
             # one: about half the time of `infer(inputs)` on a small model.

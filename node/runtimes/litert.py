@@ -87,7 +87,6 @@ def tensor_info(detail: dict[str, Any]) -> TensorInfo:
     )
 
 
-
 class LiteRTModel:
     """One TFLite interpreter. Not thread-safe."""
 

@@ -50,7 +50,6 @@ def providers_in_order(available: Sequence[str]) -> list[str]:
     return [*local, CPU_PROVIDER]
 
 
-
 class OnnxModel:
     """One InferenceSession. Used from one worker thread at a time."""
 

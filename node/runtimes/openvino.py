@@ -182,7 +182,6 @@ def tensor_info(
     return TensorInfo(name=name, dtype=dtype, shape=shape, quantization=quantization)
 
 
-
 class OpenVinoModel:
     """One compiled model and its infer request. Used from one worker thread at a time."""
 

@@ -24,8 +24,12 @@ def test_broker_urls(text: str, url: BrokerURL) -> None:
 
 @pytest.mark.parametrize(
     ("text", "says"),
-    [("http://h", "scheme must be mqtt"), ("mqtt://", "no host"), ("mqtt://h:99999", "port"),
-     ("mqtt://h/x", "unexpected path")],
+    [
+        ("http://h", "scheme must be mqtt"),
+        ("mqtt://", "no host"),
+        ("mqtt://h:99999", "port"),
+        ("mqtt://h/x", "unexpected path"),
+    ],
 )
 def test_bad_broker_urls_say_what_is_wrong(text: str, says: str) -> None:
     with pytest.raises(ValueError, match=says):

@@ -621,8 +621,6 @@ def test_fewer_replicas_drop_the_slowest_and_more_avoid_nodes_that_ran_it_slowly
     assert deploys == ["n3"]
 
 
-
-
 def test_a_spec_that_now_asks_for_a_label_moves_replicas_off_nodes_without_it() -> None:
     """[T-COORD-6] re-deploying with new constraints re-checks the replicas already placed:
     those on nodes that no longer qualify are undeployed and placed on nodes that do."""

@@ -14,8 +14,16 @@ def state(node: str, st: m.NodeStateName, session: int, by: str = "node") -> tup
 
 
 def beat(node: str, session: int, seq: int = 0, interval: float = 1.0) -> tuple[Ref, m.Wire]:
-    hb = m.Heartbeat(node=node, session=session, seq=seq, ts=0.0, interval=interval, uptime=0,
-                     load=(0, 0, 0), memory_available_mb=1)
+    hb = m.Heartbeat(
+        node=node,
+        session=session,
+        seq=seq,
+        ts=0.0,
+        interval=interval,
+        uptime=0,
+        load=(0, 0, 0),
+        memory_available_mb=1,
+    )
     return T.parse(T.node_heartbeat(node)), hb
 
 
@@ -81,8 +89,19 @@ def test_caps_of_newer_session_win() -> None:
     r = Registry()
     ref = T.parse(T.node_caps("a"))
     host = m.Host(hostname="h", os="Linux", arch="x86_64", cores=2, memory_total_mb=1, python="3")
-    caps = [m.Capabilities(node="a", session=s, ts=0, agent="0", host=host, runtimes={},
-                           accelerators=[], formats=[]) for s in (20, 10)]
+    caps = [
+        m.Capabilities(
+            node="a",
+            session=s,
+            ts=0,
+            agent="0",
+            host=host,
+            runtimes={},
+            accelerators=[],
+            formats=[],
+        )
+        for s in (20, 10)
+    ]
     for c in caps:
         r.apply(ref, c, now=0, retained=True)
     assert r.nodes["a"].caps is caps[0]

@@ -39,6 +39,9 @@ EWMA = 0.2  # weight of the newest measurement
 ZOMBIE_S = 60.0  # an expired lease its node never answers is forgotten after this
 MAX_HELD_BYTES = 512 * 2**20  # requests and tensors held at the hub, over all services
 WAITING_MAX = 10_000  # requests held while the dispatcher starts
+REPEAT_S = 60.0  # how long after its answer a repeat of a request gets that answer again
+REPEATS_MAX = 50_000  # requests remembered to tell a repeat from a new request
+REPEAT_BYTES = 32 * 2**20  # results kept for repeats, over all services
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,16 @@ class _Request:
     trace: list[w.StageTrace] = field(default_factory=list)
     job: _Job | None = None
     attempts: int = 0
+    key: bytes | None = None  # to tell a repeat of it ([T-REQ-4]); None: it has no id
+
+
+@dataclass
+class _Taken:
+    """A request with an id of its own, remembered: being served (no result yet) or
+    answered with `result`, until `until`."""
+
+    until: float
+    result: bytes | None = None
 
 
 @dataclass(eq=False)
@@ -179,6 +192,7 @@ class Counters:
     answered: int = 0
     fenced: int = 0  # answers dropped: their lease was not current
     redispatched: int = 0
+    repeats: int = 0  # requests that repeated one being served or answered ([T-REQ-4])
     errors: dict[str, int] = field(default_factory=dict)
     services: dict[str, ServiceCounters] = field(default_factory=dict)
 
@@ -223,6 +237,8 @@ class Dispatcher:
         self._n = 0
         self.opened = False  # until the provisioner has read the retained state
         self._waiting: deque[tuple[Incoming, float]] = deque()
+        self._taken: dict[bytes, _Taken] = {}  # insertion ordered, bounded
+        self._taken_bytes = 0
 
     def open(self, now: float) -> list[Action]:
         """Specs and replicas are known: take the requests that came before."""
@@ -257,7 +273,7 @@ class Dispatcher:
             gone = self.slots.pop(slot)
             while gone.queue:  # the service was removed or changed shape under them
                 out += self._error(
-                    gone.queue.popleft(), Code.UNAVAILABLE, f"{slot} was undeployed meanwhile"
+                    gone.queue.popleft(), Code.UNAVAILABLE, f"{slot} was undeployed meanwhile", now
                 )
         return out
 
@@ -307,6 +323,16 @@ class Dispatcher:
             return []
         if incoming.refused:
             return self._refuse(incoming, Code.BAD_TOPIC, incoming.refused)
+        key = _repeat_key(incoming)
+        taken = self._taken.get(key) if key is not None else None
+        if taken is not None and taken.until > now:
+            # The same request again: most often the sender's QoS 1 retry after its
+            # PUBACK was lost (the broker restarted, its link dropped). It is not served
+            # twice: the answer of the first copy goes (went) to the same place.
+            self.counters.repeats += 1
+            if taken.result is None:
+                return [Ack(incoming.mid)]
+            return [Reply(incoming.reply, taken.result, incoming.correlation), Ack(incoming.mid)]
         self.counters.accepted += 1
         spec = self.specs.get(incoming.service)
         if spec is None:
@@ -346,11 +372,33 @@ class Dispatcher:
             deadline=start + spec.deadline_ms / 1000,
             stage=0 if spec.stages else None,
             body=incoming.payload,
+            key=key,
         )
+        if key is not None:
+            self._remember(key, _Taken(until=req.deadline + LEASE_MIN_MS / 1000), now)
         self.requests[req.n] = req
         self.held += len(req.body)
         s.queue.append(req)
         return self._pump(s, now)
+
+    def _remember(self, key: bytes, taken: _Taken, now: float) -> None:
+        """Keep `taken` under `key` (newest last); forget what expired, and the oldest
+        beyond the bounds."""
+        self._forget_key(key)
+        self._taken[key] = taken
+        if taken.result is not None:
+            self._taken_bytes += len(taken.result)
+        while self._taken:
+            first = next(iter(self._taken))
+            over = len(self._taken) > REPEATS_MAX or self._taken_bytes > REPEAT_BYTES
+            if not over and self._taken[first].until > now:
+                break
+            self._forget_key(first)
+
+    def _forget_key(self, key: bytes) -> None:
+        old = self._taken.pop(key, None)
+        if old is not None and old.result is not None:
+            self._taken_bytes -= len(old.result)
 
     def _missing(self, service: str, spec: m.ServiceSpec) -> str | None:
         """Why the service cannot take requests now (no ready replica of a stage)."""
@@ -379,15 +427,23 @@ class Dispatcher:
         )
         return [Reply(incoming.reply, payload, incoming.correlation), Ack(incoming.mid)]
 
-    def _finish(self, req: _Request, reply: Reply | None) -> list[Action]:
-        """The request is answered (or answered with an error): forget it."""
+    def _finish(
+        self, req: _Request, reply: Reply | None, now: float, ok: bool = False
+    ) -> list[Action]:
+        """The request is answered (or answered with an error): forget it. Its result is
+        kept a while for repeats of the request; after an error a repeat is served anew."""
         self.requests.pop(req.n, None)
         self.held -= len(req.body)
         req.job = None
+        if req.key is not None:
+            if ok and reply is not None:
+                self._remember(req.key, _Taken(until=now + REPEAT_S, result=reply.payload), now)
+            else:
+                self._forget_key(req.key)
         out: list[Action] = [reply] if reply is not None else []
         return [*out, Ack(req.mid)]
 
-    def _error(self, req: _Request, code: Code, message: str) -> list[Action]:
+    def _error(self, req: _Request, code: Code, message: str, now: float) -> list[Action]:
         i = req.incoming
         self.counters.answer(i.service, code.value)
         payload = result_json(
@@ -397,7 +453,7 @@ class Dispatcher:
             ok=False,
             error=(code.value, message),
         )
-        return self._finish(req, Reply(i.reply, payload, i.correlation))
+        return self._finish(req, Reply(i.reply, payload, i.correlation), now)
 
     # ---- giving out work ---------------------------------------------------------------------
 
@@ -472,7 +528,7 @@ class Dispatcher:
         else:
             waited = (now - req.arrived) * 1000
             why = f"waited {waited:.0f} ms for a free replica; the deadline is {limit} ms"
-        return self._error(req, Code.TIMEOUT, why)
+        return self._error(req, Code.TIMEOUT, why, now)
 
     # ---- answers ---------------------------------------------------------------------------
 
@@ -503,7 +559,7 @@ class Dispatcher:
             i = req.incoming
             code = None if answer.ok else (answer.code or "error")
             self.counters.answer(i.service, code, now - req.arrived)
-            out += self._finish(req, Reply(i.reply, body, i.correlation))
+            out += self._finish(req, Reply(i.reply, body, i.correlation), now, ok=answer.ok)
         elif answer.kind == "tensors":
             if rep is not None:
                 rep.served += 1
@@ -531,7 +587,7 @@ class Dispatcher:
         stage = (req.stage or 0) + 1
         if spec is None or stage >= spec.stages:
             why = f"stage {stage - 1} passed tensors on, but there is no stage {stage}"
-            return self._error(req, Code.BAD_TENSOR, why)
+            return self._error(req, Code.BAD_TENSOR, why, now)
         self.held += len(body) - len(req.body)
         req.body, req.kind, req.stage = body, "tensors", stage
         if answer.trace is not None:
@@ -542,6 +598,7 @@ class Dispatcher:
                 req,
                 Code.UNAVAILABLE,
                 f"service {req.incoming.service} has no ready replica for stage {stage}",
+                now,
             )
         s.queue.appendleft(req)  # already waited its turn at the stages before
         return self._pump(s, now)
@@ -612,10 +669,31 @@ class Dispatcher:
             "answered": c.answered,
             "fenced": c.fenced,
             "redispatched": c.redispatched,
+            "repeats": c.repeats,
             "errors": dict(sorted(c.errors.items())),
             "held_mb": round(self.held / 2**20, 3),
             "slots": slots,
         }
+
+
+def _repeat_key(incoming: Incoming) -> bytes | None:
+    """What makes a request a repeat of another ([T-REQ-4]): the same service, id of its
+    own (from the topic or the correlation data), reply topic, correlation data and bytes.
+    None for a request without an id of its own: identical frames a sensor sends to
+    `request` are separate requests."""
+    if not incoming.id_fixed:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for part in (
+        incoming.service.encode(),
+        incoming.request_id.encode(),
+        incoming.reply.encode(),
+        incoming.correlation or b"",
+    ):
+        h.update(len(part).to_bytes(4, "big"))
+        h.update(part)
+    h.update(incoming.payload)
+    return h.digest()
 
 
 def epoch_of(coordinator_id: str, session: int) -> str:

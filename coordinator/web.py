@@ -92,6 +92,7 @@ def merged(a: Counters, b: Counters) -> Counters:
         answered=a.answered + b.answered,
         fenced=a.fenced + b.fenced,
         redispatched=a.redispatched + b.redispatched,
+        repeats=a.repeats + b.repeats,
     )
     for src in (a, b):
         for code, n in src.errors.items():
@@ -165,6 +166,7 @@ class Sampler:
                 "answered": totals.answered,
                 "fenced": totals.fenced,
                 "redispatched": totals.redispatched,
+                "repeats": totals.repeats,
                 "errors": dict(sorted(totals.errors.items())),
                 "inflight": inflight,
                 "held": held,
@@ -242,6 +244,7 @@ def metrics_text(view: dict[str, Any]) -> str:
         ("answered", "Requests answered (results and errors)"),
         ("fenced", "Answers dropped because their lease was no longer current"),
         ("redispatched", "Work given to another replica after a lease expired or was released"),
+        ("repeats", "Requests that repeated one being served or answered lately (not served)"),
     ):
         t.family(f"mqinfer_dispatch_{key}_total", "counter", help_text)
         t.sample(f"mqinfer_dispatch_{key}_total", {}, d[key])

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from dataclasses import replace
 
 import orjson
 import pytest
 
 from mqinfer.coordinator.dispatch import (
     LEASE_MIN_MS,
+    REPEAT_S,
     Ack,
     Action,
     Dispatcher,
@@ -329,3 +331,48 @@ def test_error_codes_a_node_makes_up_are_counted_as_other() -> None:
     counters.answer("svc", "busy")
     assert counters.errors == {"other": 100, "busy": 1}
     assert counters.services["svc"].errors == {"other": 100, "busy": 1}
+
+
+def test_a_repeat_of_a_request_is_not_served_twice() -> None:
+    """[T-REQ-4] the same request again (same id, reply topic, correlation and bytes: a
+    sender's QoS 1 retry after the broker restarted) is acknowledged without being served:
+    while the first copy is served, its answer is the answer; after, the same result is
+    sent again. A request that differs in its bytes is a new one."""
+    d, n = dispatcher(ReadyReplica("a", 1))
+    [(node, work, _)] = n.take(d.on_request(request("r1", mid=1), 0.0))
+    assert n.take(d.on_request(request("r1", mid=2), 0.1)) == [] and n.acks == [2]
+    n.answer(node, work, 0.2)
+    assert n.results() == Counter({"r1": 1}) and n.acks == [2, 1]
+    first = n.replies[-1]
+    assert n.take(d.on_request(request("r1", mid=3), 0.3)) == []
+    assert n.replies[-1] == first and n.acks == [2, 1, 3]
+    assert d.counters.repeats == 2 and d.counters.accepted == 1
+    # Other bytes under the same id: a new request, served.
+    [(_, _, body)] = n.take(d.on_request(request("r1", mid=4, size=11), 0.4))
+    assert body == b"x" * 11 and d.counters.accepted == 2
+
+
+def test_a_repeat_after_an_error_or_a_while_is_served_anew() -> None:
+    """[T-REQ-4] a retry after an error (here a timeout) is a new try, and so is the same
+    request long after its answer."""
+    d, n = dispatcher(ReadyReplica("a", 1), deadline_ms=1000)
+    n.take(d.on_request(request("r1", mid=1), 0.0))
+    n.take(d.tick(5.0))  # the lease and the deadline ran out unanswered
+    assert orjson.loads(n.replies[-1].payload)["error"]["code"] == "timeout"
+    d.set_ready("svc", [ReadyReplica("a", 2)], 5.0)  # the node began a new session
+    [(node, work, _)] = n.take(d.on_request(request("r1", mid=2), 5.1))
+    n.answer(node, work, 5.2)
+    assert orjson.loads(n.replies[-1].payload)["node"] == "a"
+    assert len(n.take(d.on_request(request("r1", mid=3), 5.2 + REPEAT_S + 1))) == 1
+    assert d.counters.repeats == 0 and d.counters.accepted == 3
+
+
+def test_requests_without_an_id_of_their_own_are_never_repeats() -> None:
+    """Identical frames sent to `request` (no id in the topic or correlation data) are
+    each served."""
+    d, n = dispatcher(ReadyReplica("a", 1))
+    plain = Incoming("svc", b"frame", "p/services/svc/result", None, "k1", False, mid=1)
+    [(node, work, _)] = n.take(d.on_request(plain, 0.0))
+    n.answer(node, work, 0.1)
+    assert len(n.take(d.on_request(replace(plain, mid=2), 0.2))) == 1
+    assert d.counters.repeats == 0

@@ -104,15 +104,30 @@ class Requester:
             clean_session=False,
         )
         self.client.on_message = self._on_message
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *a: subscribed.set()
+        self._granted = threading.Event()
+        self._refused: list[str] = []
+        self.client.on_subscribe = self._on_subscribe
         # Subscribed on every connect: paho reconnects by itself (after a broker restart).
-        self.client.on_connect = lambda c, *a: c.subscribe(
-            self.topics.service_result(service) + "/+", qos=1
-        )
+        self.client.on_connect = lambda c, *a: self._subscribe()
         self.client.connect("127.0.0.1", port or broker.port)
         self.client.loop_start()
-        assert subscribed.wait(30), "requester: no SUBACK"
+        # A NATS cluster refuses a QoS 1 SUBSCRIBE whose JetStream consumer takes over 4 s
+        # to create (under load): subscribe again until it is granted.
+        deadline = time.monotonic() + 60
+        while not self._granted.wait(1.0):
+            assert time.monotonic() < deadline, f"requester: no SUBACK granted: {self._refused}"
+            if self._refused:
+                self._refused.clear()
+                self._subscribe()
+
+    def _subscribe(self) -> None:
+        self.client.subscribe(self.topics.service_result(self.service) + "/+", qos=1)
+
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
+        if reasons and reasons[0].is_failure:
+            self._refused.append(str(reasons[0]))
+        else:
+            self._granted.set()
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         base = self.topics.service_result(self.service) + "/"

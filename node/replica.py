@@ -1,8 +1,14 @@
 """One service replica on a node: its models, worker threads and bounded queue.
 
-Work arrives on the MQTT network thread, which only queues it (`offer`): it never decodes a
-request. Worker threads, each with its own interpreter, do the work (mqinfer.node.jobs)
-and send the answer to the hub from their own thread.
+Work arrives on the MQTT network thread, which queues it (`offer`). Worker threads do the
+work (mqinfer.node.jobs) with one of the replica's interpreters each and send the answer to
+the hub from their own thread. One exception, for speed: a replica whose jobs are short
+(INLINE_MS or less, as measured here) with nothing queued and an interpreter free does the
+job on the network thread itself, as a hand-written node would: handing a job of a tenth of
+a millisecond to a worker thread costs more than the job (the handoff, and the two threads
+contending for the interpreter lock), and the answer is then written in the same pass of
+the network loop as the work's acknowledgement. Anything longer, and anything while work
+waits, goes to the workers, so the network thread is never held for long.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ Answer = Callable[[Job, Served], None]
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 STATS_WEIGHT = 0.1  # weight of the newest run in the running means of the replica's costs
 QUEUE_SLACK = 16  # work beyond its workers a replica queues (the hub sends fewer)
+INLINE_MS = 2.0  # jobs this short (mean, measured) may be done on the network thread
 
 
 class Replica:
@@ -79,6 +86,8 @@ class Replica:
         self.service_ms: float | None = None
         self._outputs: list[int] = []
         self._models: list[Model] = []
+        self._free: list[Model] = []  # interpreters no thread is using now
+        self._freed = threading.Condition(threading.Lock())
         self._threads: list[threading.Thread] = []
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=self.workers + QUEUE_SLACK)
         self._lock = threading.Lock()
@@ -143,10 +152,9 @@ class Replica:
             ) from None
 
     def start(self) -> None:
-        for i, model in enumerate(self._models):
-            t = threading.Thread(
-                target=self._work, args=(model,), name=f"{self.slot}-worker-{i}", daemon=True
-            )
+        self._free = list(self._models)
+        for i in range(len(self._models)):
+            t = threading.Thread(target=self._work, name=f"{self.slot}-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
         self.state = "ready"
@@ -160,6 +168,8 @@ class Replica:
             self._queue.put(None)
         for t in self._threads:
             t.join(timeout=10)
+        with self._freed:  # a short job on the network thread gives its interpreter back
+            self._freed.wait_for(lambda: len(self._free) >= len(self._models), timeout=10)
         self.close()
 
     def update(self, spec: m.ServiceSpec) -> bool:
@@ -177,9 +187,15 @@ class Replica:
     # ---- work (network thread) --------------------------------------------------------
 
     def offer(self, job: Job) -> bool:
-        """Queue a job; False when the queue is full (the caller releases it)."""
+        """Queue a job, or do it now when it is short and nothing waits; False when the
+        queue is full (the caller releases it)."""
         if self.state != "ready":
             return False
+        if self._queue.empty() and self._short():
+            model = self._take(wait=False)
+            if model is not None:
+                self._do(model, job)
+                return True
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -248,23 +264,49 @@ class Replica:
             slowdown=self.artificial_slowdown,
         )
 
-    def _work(self, model: Model) -> None:
+    def _short(self) -> bool:
+        """Whether this replica's jobs take INLINE_MS or less here (measured)."""
+        ms = self.service_ms if self.service_ms is not None else self.inference_ms
+        return ms is not None and ms <= INLINE_MS and self.artificial_slowdown <= 1
+
+    def _take(self, wait: bool) -> Model | None:
+        """A free interpreter; None if none is free and not `wait`."""
+        with self._freed:
+            while not self._free:
+                if not wait:
+                    return None
+                self._freed.wait()
+            return self._free.pop()
+
+    def _give_back(self, model: Model) -> None:
+        with self._freed:
+            self._free.append(model)
+            self._freed.notify()
+
+    def _work(self) -> None:
         while True:
             job = self._queue.get()
             if job is None:
                 return
+            model = self._take(wait=True)
+            assert model is not None  # it waited for one
+            self._do(model, job)
+
+    def _do(self, model: Model, job: Job) -> None:
+        """Do one job with `model` (taken by this thread), give the model back, answer."""
+        with self._lock:
+            self._running += 1
+        try:
+            served = serve(model, job, self._serving())
+        except Exception:  # a bug: the hub still gets an answer, the worker goes on
+            log.exception("%s: job %s failed", self.slot, job.work.job)
+            served = release(job, "internal", "the node failed on it", time.monotonic())
+        finally:
+            self._give_back(model)
             with self._lock:
-                self._running += 1
-            try:
-                served = serve(model, job, self._serving())
-            except Exception:  # a bug: the hub still gets an answer, the worker goes on
-                log.exception("%s: job %s failed", self.slot, job.work.job)
-                served = release(job, "internal", "the node failed on it", time.monotonic())
-            finally:
-                with self._lock:
-                    self._running -= 1
-            self._count(served)
-            self.answer(job, served)
+                self._running -= 1
+        self._count(served)
+        self.answer(job, served)
 
     def _count(self, served: Served) -> None:
         if served.inference_ms is None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
 
 from mqinfer.mqtt import Connection, Message
 from mqinfer.node.intake import Intake
-from mqinfer.node.replica import Replica
+from mqinfer.node.replica import INLINE_MS, Replica
 from mqinfer.node.runtimes import available_backends
 from mqinfer.protocol import messages as m
 from mqinfer.protocol import work as w
@@ -219,4 +220,34 @@ def test_malformed_work_is_refused_and_the_node_goes_on() -> None:
         [(answer, _)] = hub.wait(1)
         assert answer.ok
     finally:
+        r.stop()
+
+
+def test_short_jobs_are_done_on_the_network_thread_and_long_ones_by_the_workers() -> None:
+    """A replica whose jobs take INLINE_MS or less (the digits model: a fraction of a
+    millisecond) answers before `offer` returns, on the thread that read the work; one made
+    slower than that hands its work to a worker thread, and the reading thread goes on."""
+    hub = Hub()
+    intake, r = node(hub, workers=2)
+    threads: list[str] = []
+    answer = r.answer
+
+    def recording(job: Any, served: Any) -> None:
+        threads.append(threading.current_thread().name)
+        answer(job, served)
+
+    r.answer = recording
+    try:
+        assert r.service_ms is None and r.inference_ms is not None
+        assert r.inference_ms <= INLINE_MS
+        intake.on_work(work("e1-1", bytes(64)), session=1)
+        assert len(hub.answers) == 1 and hub.answers[0][0].kind == "result"  # already
+        assert threads == [threading.current_thread().name]
+        r.artificial_slowdown = 2000.0  # a run now takes ~0.2 s or more
+        intake.on_work(work("e1-2", bytes(64)), session=1)
+        assert len(hub.answers) == 1  # not yet: a worker has it
+        hub.wait(2)
+        assert threads[1].startswith("d-worker-")
+    finally:
+        r.artificial_slowdown = 1.0
         r.stop()

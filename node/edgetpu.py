@@ -1,4 +1,8 @@
-"""The Coral Edge TPU: hardware seen on the buses, and whether the delegate really loads."""
+"""The Coral Edge TPU: hardware seen on the buses, and whether the delegate really loads.
+
+Loading the delegate claims the device (and, for the USB Accelerator, loads its firmware),
+so `probe` tries it once per process and keeps the answer.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import gc
 import importlib
 import platform
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -145,11 +150,48 @@ def _edgetpu_accelerators(runtime: str, seen: list[dict[str, str]]) -> list[Acce
     return found
 
 
+# (runtime key, id(module)) of the runtimes tried -> (the modules, kept so that their ids
+# are not reused; what the probe found)
+_PROBED: dict[
+    tuple[tuple[str, int], ...],
+    tuple[list[ModuleType], tuple[list[Accelerator], str, str]],
+] = {}
+_PROBED_LOCK = threading.Lock()
+
+
 def probe(modules: dict[str, ModuleType]) -> tuple[list[Accelerator], str, str]:
-    """(accelerators, runtime key, reason when there are none)."""
+    """(accelerators, runtime key, reason when there are none), through the first of the
+    TFLite runtimes in `modules` that loads the delegate.
+
+    Loading the delegate claims the device, so the probe runs once per process and set of
+    runtime modules: a later call returns what the first found (`forget` starts over)."""
+    tflite = [key for key in TFLITE_KEYS if key in modules]
+    ident = tuple((key, id(modules[key])) for key in tflite)
+    with _PROBED_LOCK:
+        kept = _PROBED.get(ident)
+        if kept is None or any(a is not modules[k] for a, k in zip(kept[0], tflite, strict=True)):
+            kept = ([modules[key] for key in tflite], _probe(modules, tflite))
+            _PROBED[ident] = kept
+        accelerators, runtime, why = kept[1]
+        return list(accelerators), runtime, why
+
+
+def without_runtime(why: str) -> str:
+    """Why there is no Edge TPU when no TFLite runtime is usable (`why`: why not)."""
     seen = edgetpu_hardware()
     where = f"{_describe_hardware(seen)} present but" if seen else "no Edge TPU seen;"
-    tflite = [key for key in TFLITE_KEYS if key in modules]
+    return f"{where} no TFLite runtime imports to load {EDGETPU_LIBRARY} ({why})"
+
+
+def forget() -> None:
+    """Probe again at the next call (for tests: the first answer is kept otherwise)."""
+    with _PROBED_LOCK:
+        _PROBED.clear()
+
+
+def _probe(modules: dict[str, ModuleType], tflite: list[str]) -> tuple[list[Accelerator], str, str]:
+    seen = edgetpu_hardware()
+    where = f"{_describe_hardware(seen)} present but" if seen else "no Edge TPU seen;"
     if not tflite:
         return [], "", f"{where} no TFLite runtime imports to load {EDGETPU_LIBRARY}"
     failure = ""

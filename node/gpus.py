@@ -1,11 +1,18 @@
 """Devices behind ONNX Runtime's execution providers (GPUs, OpenVINO, NPUs), confirmed
-against the hardware: a provider in the build is not a device on the machine."""
+against the hardware: a provider in the build is not a device on the machine.
+
+Each device found gets the name ONNX Runtime's backend loads on (`detail.device`):
+'cuda:0' for the first NVIDIA GPU CUDA sees, 'rocm:0', 'openvino', 'coreml', 'qnn'. A
+discrete NVIDIA GPU's memory comes from nvidia-smi, when it is there.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import platform
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -19,20 +26,26 @@ _NVIDIA_PROVIDERS = (
     "NvTensorRTRTXExecutionProvider",
     "CUDAExecutionProvider",
 )
+CUDA_PROVIDER = "CUDAExecutionProvider"  # what runs a model on an NVIDIA GPU ('cuda:N')
+_ROCM_PROVIDERS = ("MIGraphXExecutionProvider", "ROCMExecutionProvider")
+NVIDIA_SMI_TIMEOUT = 10.0  # seconds
 _AMD_PROVIDERS = ("MIGraphXExecutionProvider", "ROCMExecutionProvider")
 _DIRECTML_PROVIDER = "DmlExecutionProvider"
 _OPENVINO_PROVIDER = "OpenVINOExecutionProvider"
-# NPU providers: (device name, whether this system/machine can have it, why not).
-_NPUS: dict[str, tuple[str, Callable[[str, str], bool], str]] = {
+# NPU providers: (device name, whether this system/machine can have it, why not, the
+# device name ONNX Runtime's backend loads on).
+_NPUS: dict[str, tuple[str, Callable[[str, str], bool], str, str]] = {
     "CoreMLExecutionProvider": (
         "Apple Neural Engine",
         lambda system, machine: system == "Darwin" and machine == "arm64",
         "this is not Apple silicon",
+        "coreml",
     ),
     "QNNExecutionProvider": (
         "Qualcomm Hexagon NPU",
         lambda _system, machine: machine in ("arm64", "aarch64"),
         "{machine} has no Hexagon NPU",
+        "qnn",
     ),
 }
 
@@ -61,14 +74,104 @@ def nvidia_gpus() -> tuple[list[dict[str, Any]], str]:
                 board = read_text(Path("/sys/firmware/devicetree/base/model")).rstrip("\x00")
                 gpus.append({"name": f"{board or 'NVIDIA Tegra'} GPU", "integrated": True})
                 break
+    listed = bool(gpus)  # every GPU, whatever CUDA_VISIBLE_DEVICES hides
     if not gpus:
-        gpus, reason = _cuda_driver_gpus()
+        gpus, reason = _cuda_driver_gpus()  # only the visible ones
         if not gpus:
             return [], f"no /proc/driver/nvidia/gpus and {reason}"
     if visible is not None:
+        if listed:
+            gpus = visible_gpus(gpus, visible)
+        if not gpus:
+            return [], f"CUDA_VISIBLE_DEVICES={visible!r} names none of the GPUs"
         for gpu in gpus:
             gpu["cuda_visible_devices"] = visible
+    add_memory(gpus, nvidia_memory())
     return gpus, ""
+
+
+def visible_gpus(gpus: list[dict[str, Any]], visible: str) -> list[dict[str, Any]]:
+    """The GPUs CUDA_VISIBLE_DEVICES leaves, in its order, when it lists indices (with
+    UUIDs it cannot be told here: all of them)."""
+    picked: list[dict[str, Any]] = []
+    for item in visible.split(","):
+        item = item.strip()
+        if not item.isdigit():
+            return gpus
+        if int(item) >= len(gpus):
+            break  # CUDA stops at the first index that is not a device
+        picked.append(gpus[int(item)])
+    return picked
+
+
+def _run_nvidia_smi(args: list[str]) -> str:
+    """nvidia-smi's output, '' when it is not installed or fails."""
+    if shutil.which("nvidia-smi") is None:
+        return ""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", *args],
+            capture_output=True,
+            text=True,
+            timeout=NVIDIA_SMI_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
+
+
+def nvidia_memory(
+    run: Callable[[list[str]], str] = _run_nvidia_smi,
+) -> list[dict[str, Any]]:
+    """Each NVIDIA GPU's memory as nvidia-smi reports it: {index, pci_bus, memory_mb,
+    free_mb}; empty without nvidia-smi. A GPU that shares the host's memory (Jetson)
+    reports no total ('[N/A]') and is left out."""
+    out = run(
+        [
+            "--query-gpu=index,pci.bus_id,memory.total,memory.used",
+            "--format=csv,noheader,nounits",
+        ]
+    )
+    found: list[dict[str, Any]] = []
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 4 or not parts[0].isdigit() or not parts[2].isdigit():
+            continue
+        total = int(parts[2])
+        used = int(parts[3]) if parts[3].isdigit() else None
+        found.append(
+            {
+                "index": int(parts[0]),
+                "pci_bus": parts[1],
+                "memory_mb": total,
+                "free_mb": max(total - used, 0) if used is not None else None,
+            }
+        )
+    return found
+
+
+def _bus(address: str) -> str:
+    """A PCI address without its domain ('00000000:01:00.0' and '0000:01:00.0': '01:00.0')."""
+    return address.lower()[-7:]
+
+
+def add_memory(gpus: list[dict[str, Any]], memory: list[dict[str, Any]]) -> None:
+    """Give each GPU the memory nvidia-smi reports for it, matched by PCI bus, else by
+    index (GPUs the CUDA driver listed)."""
+    by_bus = {_bus(row["pci_bus"]): row for row in memory}
+    by_index = {row["index"]: row for row in memory}
+    for gpu in gpus:
+        if gpu.get("integrated"):
+            continue  # it shares the host's memory
+        if "pci_bus" in gpu:
+            row = by_bus.get(_bus(gpu["pci_bus"]))
+        else:
+            row = by_index.get(gpu.get("index", -1))
+        if row is not None:
+            gpu["memory_mb"] = row["memory_mb"]
+            if row["free_mb"] is not None:
+                gpu["free_mb"] = row["free_mb"]
 
 
 def _cuda_driver_gpus() -> tuple[list[dict[str, Any]], str]:
@@ -126,13 +229,18 @@ def _openvino_devices(ort: ModuleType) -> list[str]:
 
 
 def onnx_accelerators(
-    ort: ModuleType, runtime: Runtime
+    ort: ModuleType,
+    runtime: Runtime,
+    nvidia: Callable[[], tuple[list[dict[str, Any]], str]] | None = None,
+    amd: Callable[[], tuple[list[dict[str, Any]], str]] | None = None,
 ) -> tuple[list[Accelerator], dict[str, str]]:
     """Devices behind ONNX Runtime's providers, and why listed providers found none.
 
     ONNX Runtime lists a provider when the build has it, not when a device is there, so
-    each GPU provider is confirmed against the hardware. AzureExecutionProvider (remote
-    endpoints) and the CPU providers are no device of their own.
+    each GPU provider is confirmed against the hardware (`nvidia`, `amd`: the probes, given
+    fakes in tests). An NVIDIA GPU counts only with CUDAExecutionProvider listed.
+    AzureExecutionProvider (remote endpoints) and the CPU providers are no device of their
+    own.
     """
     providers = runtime.providers
     found: list[Accelerator] = []
@@ -141,22 +249,38 @@ def onnx_accelerators(
 
     def gpu_family(
         family: tuple[str, ...],
+        needed: str | None,
         probe: Callable[[], tuple[list[dict[str, Any]], str]],
         vendor: str,
+        prefix: str,
     ) -> None:
         listed = [p for p in providers if p in family]
         if not listed:
             return
+        if needed is not None and needed not in listed:
+            gpu_reasons.append(f"{', '.join(listed)} built in but not {needed}")
+            return
         devices, reason = probe()
         if not devices:
             gpu_reasons.append(f"{', '.join(listed)} built in but {reason}")
-        for dev in devices:
+        for index, dev in enumerate(devices):
+            dev = dict(dev)
             name = dev.pop("name")
-            detail = {"vendor": vendor, "providers": listed, **dev}
-            found.append(Accelerator(kind="gpu", name=name, runtime="onnxruntime", detail=detail))
+            memory, free = dev.pop("memory_mb", None), dev.pop("free_mb", None)
+            detail = {"vendor": vendor, "providers": listed, "device": f"{prefix}:{index}", **dev}
+            found.append(
+                Accelerator(
+                    kind="gpu",
+                    name=name,
+                    runtime="onnxruntime",
+                    detail=detail,
+                    memory_mb=memory,
+                    free_mb=free,
+                )
+            )
 
-    gpu_family(_NVIDIA_PROVIDERS, nvidia_gpus, "nvidia")
-    gpu_family(_AMD_PROVIDERS, amd_gpus, "amd")
+    gpu_family(_NVIDIA_PROVIDERS, CUDA_PROVIDER, nvidia or nvidia_gpus, "nvidia", "cuda")
+    gpu_family(_ROCM_PROVIDERS, None, amd or amd_gpus, "amd", "rocm")
     if _DIRECTML_PROVIDER in providers:
         # DirectML runs on any DirectX 12 adapter, and ONNX Runtime does not say whether
         # there is one: unconfirmed hardware is not announced.
@@ -168,15 +292,19 @@ def onnx_accelerators(
                 kind="openvino",
                 name=f"OpenVINO ({', '.join(devices)})" if devices else "OpenVINO",
                 runtime="onnxruntime",
-                detail={"providers": [_OPENVINO_PROVIDER], "devices": devices},
+                detail={
+                    "providers": [_OPENVINO_PROVIDER],
+                    "devices": devices,
+                    "device": "openvino",
+                },
             )
         )
     system, machine = platform.system(), platform.machine().lower()
-    for provider, (name, possible, why_not) in _NPUS.items():
+    for provider, (name, possible, why_not, device) in _NPUS.items():
         if provider not in providers:
             continue
         if possible(system, machine):
-            detail = {"providers": [provider]}
+            detail = {"providers": [provider], "device": device}
             found.append(Accelerator(kind="npu", name=name, runtime="onnxruntime", detail=detail))
         else:
             npu_reasons.append(f"{provider} built in but {why_not.format(machine=machine)}")

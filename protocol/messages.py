@@ -64,6 +64,15 @@ class Accelerator(BaseModel):
     name: str = Field(description="Human readable device name")
     runtime: str = Field(description="Runtime key (in Capabilities.runtimes) that reaches it")
     detail: dict[str, Any] = Field(default_factory=dict)
+    memory_mb: int | None = Field(
+        None,
+        ge=0,
+        description="Memory the device has for models (a GPU's), MB; None when it uses the "
+        "host's or it is not known",
+    )
+    free_mb: int | None = Field(
+        None, ge=0, description="Of memory_mb, what was free when the node started, MB"
+    )
 
 
 class Capabilities(Wire):

@@ -11,9 +11,9 @@ from mqinfer import options
 from mqinfer.keys import KeyFileError, load_public_key
 from mqinfer.mqtt import session
 from mqinfer.node.agent import NodeAgent
-from mqinfer.node.capabilities import probe_host, probe_runtimes
+from mqinfer.node.capabilities import probe_host, probe_of
 from mqinfer.node.fetch import META_WAIT
-from mqinfer.node.runtimes import RUNTIMES, available_backends, unknown_runtimes
+from mqinfer.node.runtimes import RUNTIMES, backends_of, registry, unknown_runtimes
 from mqinfer.protocol import signing
 
 log = logging.getLogger("mqinfer.node")
@@ -161,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
         args.parser.error("--heartbeat: expected a number of seconds > 0")
     wanted = runtimes_wanted(args.parser, args.runtime)
     host = probe_host()
-    probe = probe_runtimes(wanted)
+    survey = registry.survey_here(wanted)  # every runtime probed once, here
+    probe = probe_of(survey)
     missing = [name for name in wanted or () if name not in probe.runtimes]
     if missing:
         args.parser.error(
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("node %s: runs only specs signed by trusted keys %s", node_id, ", ".join(trusted))
     else:
         log.info("node %s: no trusted keys (--trust-key): runs any spec, signed or not", node_id)
-    backends = available_backends(wanted)
+    backends = backends_of(survey.backends())
     agent = NodeAgent(
         node_id,
         topics,

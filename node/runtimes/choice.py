@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mqinfer.node.runtimes.base import Backend, Model, RuntimeFailure, concrete_shape
+from mqinfer.node.runtimes.base import CPU, Backend, Model, RuntimeFailure, concrete_shape
 
 WARM = 2  # untimed runs first: the first allocates and plans, OpenVINO's second is slow too
 RUNS = 7  # timed runs per runtime; the best counts
@@ -30,23 +30,33 @@ MARGIN = 0.1
 
 def label(backend: Backend) -> str:
     """The runtime a replica reports: the backend's key ('litert', 'onnxruntime'), or its
-    `label` where one runtime has several devices ('openvino GPU')."""
+    `label` where the device is not the CPU ('openvino GPU', 'onnxruntime cuda.0')."""
     return str(getattr(backend, "label", backend.key))
 
 
 class Candidates:
-    """A format's runtimes, preferred first. As a Backend it loads with the preferred one
-    (what a node with a single runtime does); a replica measures them with `fastest`."""
+    """A format's runtimes (on their devices), preferred first. As a Backend it loads with
+    the preferred one, or the one on the device asked for; a replica measures them with
+    `fastest`."""
 
     def __init__(self, fmt: str, backends: Sequence[Backend]) -> None:
         if len(backends) < 2:
             raise ValueError("Candidates needs two runtimes or more")
         self.backends = list(backends)
         self.key = self.backends[0].key
+        self.device = getattr(self.backends[0], "device", CPU)
         self.formats: tuple[str, ...] = (fmt,)
 
-    def load(self, path: str, threads: int) -> Model:
-        return self.backends[0].load(path, threads)
+    def load(self, path: str, threads: int, device: str | None = None) -> Model:
+        if device is None:
+            return self.backends[0].load(path, threads)
+        for backend in self.backends:
+            if str(getattr(backend, "device", CPU)).lower() == device.lower():
+                return backend.load(path, threads, device)
+        have = ", ".join(f"{label(b)} on {getattr(b, 'device', CPU)}" for b in self.backends)
+        raise RuntimeFailure(
+            f"no runtime here runs {self.formats[0]} on {device!r} (there are {have})"
+        )
 
 
 def candidates(backend: Backend) -> list[Backend]:

@@ -1,8 +1,10 @@
 """TFLite models on LiteRT (`ai_edge_litert`), or on the older `tflite_runtime`.
 
 Both packages expose the same `Interpreter`, so one backend serves either; it is given
-the interpreter module that imported. The Edge TPU backend reuses `LiteRTModel` with the
-Edge TPU delegate attached.
+the interpreter module that imported. Both run on the CPU, and on an Edge TPU where the
+delegate loads (`node.edgetpu`, tried once per process): the Edge TPU backend reuses
+`LiteRTModel` with the delegate attached. Only the first of them that loads the delegate
+carries the Edge TPU.
 """
 
 from __future__ import annotations
@@ -11,14 +13,26 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from mqinfer.node.runtimes.base import RuntimeFailure, check_arity, describe, fits
+from mqinfer.node import edgetpu as edgetpu_probe
+from mqinfer.node.runtimes.base import (
+    CPU,
+    Backend,
+    Device,
+    Found,
+    RuntimeEntry,
+    RuntimeFailure,
+    check_arity,
+    describe,
+    fits,
+    pick_device,
+)
 from mqinfer.node.sysinfo import one_line
 from mqinfer.protocol.manifest import Quantization, TensorInfo
 
@@ -165,10 +179,72 @@ class LiteRTBackend:
     """Plain .tflite models on the CPU (XNNPACK)."""
 
     formats: tuple[str, ...] = ("tflite",)
+    device = CPU
 
     def __init__(self, module: ModuleType, key: str = "litert") -> None:
         self.key = key
+        self.label = key
         self._module = module
 
-    def load(self, path: str, threads: int) -> LiteRTModel:
-        return open_interpreter(self._module, RUNTIME_NAMES.get(self.key, self.key), path, threads)
+    def load(self, path: str, threads: int, device: str | None = None) -> LiteRTModel:
+        name = RUNTIME_NAMES.get(self.key, self.key)
+        pick_device(name, device, CPU, (CPU,))
+        return open_interpreter(self._module, name, path, threads)
+
+
+# ---- the registry's entries -------------------------------------------------------------
+
+EDGETPU = "edgetpu"  # the device name of the Edge TPU
+
+
+def _probe(key: str) -> Callable[[ModuleType, Mapping[str, Found]], Found]:
+    def probe(module: ModuleType, earlier: Mapping[str, Found]) -> Found:
+        devices = [Device(CPU, ("tflite",))]
+        if any(d.name == EDGETPU for found in earlier.values() for d in found.devices):
+            return Found(tuple(devices))  # a TFLite runtime before this one carries it
+        tpus, _, why = edgetpu_probe.probe({key: module})
+        if not tpus:
+            return Found(tuple(devices), absent={"edgetpu": why})
+        devices.append(Device(EDGETPU, ("edgetpu_tflite",), tuple(tpus)))
+        return Found(tuple(devices), providers=("edgetpu",))
+
+    return probe
+
+
+def _backend(key: str) -> Callable[[ModuleType, Device, Found], Backend]:
+    def make(module: ModuleType, device: Device, found: Found) -> Backend:
+        if device.name != EDGETPU:
+            return LiteRTBackend(module, key)
+        from mqinfer.node.runtimes.edgetpu import EdgeTpuBackend  # it builds on this module
+
+        # each Edge TPU by the name load_delegate's 'device' option takes ('usb:0')
+        named = [str(a.detail["device"]) for a in device.accelerators if "device" in a.detail]
+        return EdgeTpuBackend(module, key, devices=(EDGETPU, *named))
+
+    return make
+
+
+ENTRIES = (
+    RuntimeEntry(
+        key="litert",
+        module="ai_edge_litert.interpreter",
+        packages=("ai-edge-litert",),
+        formats=("tflite",),
+        preference=10,
+        probe=_probe("litert"),
+        backend=_backend("litert"),
+        explains=("edgetpu",),
+        unexplained=edgetpu_probe.without_runtime,
+    ),
+    RuntimeEntry(
+        key="tflite_runtime",
+        module="tflite_runtime.interpreter",
+        packages=("tflite-runtime",),
+        formats=("tflite",),
+        preference=20,
+        probe=_probe("tflite_runtime"),
+        backend=_backend("tflite_runtime"),
+        explains=("edgetpu",),
+        unexplained=edgetpu_probe.without_runtime,
+    ),
+)

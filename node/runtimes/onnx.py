@@ -1,16 +1,30 @@
-"""ONNX models on ONNX Runtime, with the execution providers the build has (CPU last)."""
+"""ONNX models on ONNX Runtime, one session per device: the CPU, and each device behind
+an execution provider that `node.gpus` confirmed is really there ('cuda:0' for an NVIDIA
+GPU with CUDAExecutionProvider, 'rocm:0', 'openvino', 'coreml', 'qnn')."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from mqinfer.node.runtimes.base import RuntimeFailure, check_inputs
+from mqinfer.node import gpus
+from mqinfer.node.runtimes.base import (
+    CPU,
+    Backend,
+    Device,
+    Found,
+    RuntimeEntry,
+    RuntimeFailure,
+    check_inputs,
+    device_label,
+    pick_device,
+)
 from mqinfer.node.sysinfo import one_line
 from mqinfer.protocol.manifest import TensorInfo
+from mqinfer.protocol.messages import Runtime
 
 CPU_PROVIDER = "CPUExecutionProvider"
 # Listed by some builds without being a local device: it calls remote endpoints.
@@ -50,6 +64,38 @@ def providers_in_order(available: Sequence[str]) -> list[str]:
     return [*local, CPU_PROVIDER]
 
 
+# A device's family ('cuda' of 'cuda:0') -> the providers that run on it, preferred first.
+DEVICE_PROVIDERS = {
+    "cuda": ("CUDAExecutionProvider",),
+    "rocm": ("MIGraphXExecutionProvider", "ROCMExecutionProvider"),
+    "openvino": ("OpenVINOExecutionProvider",),
+    "coreml": ("CoreMLExecutionProvider",),
+    "qnn": ("QNNExecutionProvider",),
+}
+
+Provider = str | tuple[str, dict[str, Any]]
+
+
+def providers_for(device: str, available: Sequence[str]) -> list[Provider]:
+    """The providers a session on `device` is given: the device's own (with its index as
+    device_id), then the CPU for the operators they do not have."""
+    family, _, index = device.partition(":")
+    if family.upper() == CPU:
+        return [CPU_PROVIDER]
+    listed = [p for p in DEVICE_PROVIDERS.get(family.lower(), ()) if p in available]
+    if not listed:
+        raise RuntimeFailure(
+            f"ONNX Runtime has no execution provider for {device}"
+            f" (providers: {', '.join(available) or 'none'})"
+        )
+    own: list[Provider] = [(p, {"device_id": int(index)}) if index.isdigit() else p for p in listed]
+    return [*own, CPU_PROVIDER]
+
+
+def _name(provider: Provider) -> str:
+    return provider if isinstance(provider, str) else provider[0]
+
+
 class OnnxModel:
     """One InferenceSession. Used from one worker thread at a time."""
 
@@ -86,19 +132,80 @@ class OnnxBackend:
     key = "onnxruntime"
     formats: tuple[str, ...] = ("onnx",)
 
-    def __init__(self, module: ModuleType) -> None:
+    def __init__(
+        self, module: ModuleType, device: str = CPU, devices: tuple[str, ...] | None = None
+    ) -> None:
         self._module = module
-        self.providers = providers_in_order([str(p) for p in module.get_available_providers()])
+        self.device = device
+        self.devices = devices if devices is not None else (device,)
+        self.label = device_label(self.key, device)
+        self.available = [str(p) for p in module.get_available_providers()]
+        self.providers = [_name(p) for p in providers_for(device, self.available)]
 
-    def load(self, path: str, threads: int) -> OnnxModel:
+    def load(self, path: str, threads: int, device: str | None = None) -> OnnxModel:
         ort = self._module
+        chosen = pick_device("ONNX Runtime", device, self.device, self.devices)
         try:
+            providers = providers_for(chosen, self.available)
             options = ort.SessionOptions()
             options.intra_op_num_threads = max(1, threads)
             options.inter_op_num_threads = 1
-            session = ort.InferenceSession(path, sess_options=options, providers=self.providers)
-            return OnnxModel(session, path)
+            session = ort.InferenceSession(path, sess_options=options, providers=providers)
+            model = OnnxModel(session, path)
         except RuntimeFailure as exc:
             raise RuntimeFailure(f"cannot serve {path}: {exc}") from None
         except Exception as exc:
             raise RuntimeFailure(f"ONNX Runtime cannot load {path}: {one_line(exc)}") from exc
+        # ONNX Runtime falls back to the CPU, with a warning, when a device's provider
+        # fails to start: a model on the CPU is not what was asked for
+        wanted = _name(providers[0])
+        if wanted != CPU_PROVIDER and wanted not in model.providers:
+            model.close()
+            raise RuntimeFailure(
+                f"ONNX Runtime cannot load {path} on {chosen}: {wanted} did not start"
+                f" (the session has {', '.join(model.providers)})"
+            )
+        return model
+
+
+# ---- the registry's entry ---------------------------------------------------------------
+
+
+def probe(module: ModuleType, earlier: Mapping[str, Found]) -> Found:
+    """The CPU, and each accelerator behind a provider that `node.gpus` confirms."""
+    providers = tuple(str(p) for p in module.get_available_providers())
+    version = str(getattr(module, "__version__", "") or "unknown")
+    runtime = Runtime(
+        package="onnxruntime", version=version, formats=["onnx"], providers=list(providers)
+    )
+    found, absent = gpus.onnx_accelerators(module, runtime)
+    devices = [Device(CPU, ("onnx",))]
+    for acc in found:
+        devices.append(Device(str(acc.detail["device"]), ("onnx",), (acc,)))
+    return Found(tuple(devices), providers=providers, absent=absent)
+
+
+def backend(module: ModuleType, device: Device, found: Found) -> Backend:
+    return OnnxBackend(module, device.name, found.names)
+
+
+ENTRIES = (
+    RuntimeEntry(
+        key="onnxruntime",
+        module="onnxruntime",
+        packages=(
+            "onnxruntime",
+            "onnxruntime-gpu",
+            "onnxruntime-openvino",
+            "onnxruntime-directml",
+            "onnxruntime-qnn",
+            "onnxruntime-rocm",
+            "onnxruntime-silicon",
+        ),
+        formats=("onnx",),
+        preference=30,
+        probe=probe,
+        backend=backend,
+        explains=("gpu",),
+    ),
+)

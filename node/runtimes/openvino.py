@@ -13,18 +13,31 @@ OpenVINO does not report a TFLite tensor's quantization, so it is read from the 
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from mqinfer.node.runtimes.base import RuntimeFailure, check_inputs
+from mqinfer.node.runtimes.base import (
+    CPU,
+    Backend,
+    Device,
+    Found,
+    RuntimeEntry,
+    RuntimeFailure,
+    check_inputs,
+    device_label,
+    pick_device,
+)
 from mqinfer.node.sysinfo import one_line
 from mqinfer.protocol.manifest import Quantization, TensorInfo
+from mqinfer.protocol.messages import Accelerator
 
-CPU = "CPU"
 # Device families a model can be compiled for, preferred first when a measurement ties.
 DEVICES = ("CPU", "GPU", "NPU")
+KINDS: dict[str, Literal["gpu", "npu"]] = {"GPU": "gpu", "NPU": "npu"}  # accelerator kinds
+FORMATS = ("tflite", "onnx")
 SETTINGS = ("INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT")
 # numpy dtypes a tensor may have; others (bf16, f8, strings) are refused at load.
 DTYPES = frozenset(
@@ -56,10 +69,10 @@ def message(exc: BaseException) -> str:
     return " ".join(" ".join(lines).split()) or one_line(exc)
 
 
-def devices(module: ModuleType) -> list[tuple[str, str]]:
+def devices(module: ModuleType, core: Any = None) -> list[tuple[str, str]]:
     """(device, full name) of each device OpenVINO can compile for here: 'CPU', and
     'GPU', 'GPU.1', 'NPU' only where the plugin found the hardware."""
-    core = module.Core()
+    core = core if core is not None else module.Core()
     found: list[tuple[str, str]] = []
     for device in core.available_devices:
         try:
@@ -68,6 +81,16 @@ def devices(module: ModuleType) -> list[tuple[str, str]]:
             name = str(device)
         found.append((str(device), name))
     return found
+
+
+def memory_mb(core: Any, device: str) -> int | None:
+    """The memory a GPU has for models (GPU_DEVICE_TOTAL_MEM_SIZE, bytes), in MB; None for
+    a device without the property."""
+    try:
+        size = int(core.get_property(device, "GPU_DEVICE_TOTAL_MEM_SIZE"))
+    except Exception:
+        return None
+    return size // 2**20 if size > 0 else None
 
 
 # ---- TFLite quantization, read from the file's flatbuffer -----------------------------
@@ -245,27 +268,35 @@ class OpenVinoBackend:
     """.onnx and .tflite files compiled for one OpenVINO device ('CPU' unless told)."""
 
     key = "openvino"
-    formats: tuple[str, ...] = ("tflite", "onnx")
+    formats: tuple[str, ...] = FORMATS
 
-    def __init__(self, module: ModuleType, device: str = CPU, core: Any = None) -> None:
+    def __init__(
+        self,
+        module: ModuleType,
+        device: str = CPU,
+        core: Any = None,
+        devices: tuple[str, ...] | None = None,
+    ) -> None:
         self.device = device
+        self.devices = devices if devices is not None else (device,)
         # the runtime a replica reports: 'openvino' on the CPU, 'openvino GPU' elsewhere
-        self.label = self.key if device == CPU else f"{self.key} {device}"
+        self.label = device_label(self.key, device)
         self._module = module
         self._core: Any = core if core is not None else module.Core()
 
-    def config(self, threads: int) -> dict[str, Any]:
+    def config(self, threads: int, device: str | None = None) -> dict[str, Any]:
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-        if self.device.partition(".")[0] == CPU:
+        if (device or self.device).partition(".")[0] == CPU:
             config["INFERENCE_NUM_THREADS"] = max(1, threads)
             config["INFERENCE_PRECISION_HINT"] = "f32"
         return config
 
-    def load(self, path: str, threads: int) -> OpenVinoModel:
-        where = f"OpenVINO ({self.device})"
+    def load(self, path: str, threads: int, device: str | None = None) -> OpenVinoModel:
+        chosen = pick_device("OpenVINO", device, self.device, self.devices)
+        where = f"OpenVINO ({chosen})"
         try:
             model = self._core.read_model(path)
-            compiled = self._core.compile_model(model, self.device, self.config(threads))
+            compiled = self._core.compile_model(model, chosen, self.config(threads, chosen))
         except Exception as exc:
             raise RuntimeFailure(f"{where} cannot load {path}: {message(exc)}") from exc
         quantized: dict[str, Quantization] = {}
@@ -276,8 +307,69 @@ class OpenVinoBackend:
             except OSError:
                 quantized = {}
         try:
-            return OpenVinoModel(self._module, compiled, path, self.device, quantized)
+            return OpenVinoModel(self._module, compiled, path, chosen, quantized)
         except RuntimeFailure as exc:
             raise RuntimeFailure(f"cannot serve {path}: {exc}") from None
         except Exception as exc:
             raise RuntimeFailure(f"{where} cannot load {path}: {message(exc)}") from exc
+
+
+# ---- the registry's entry ---------------------------------------------------------------
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, ImportError):
+        return one_line(exc)
+    return f"{type(exc).__name__}: {one_line(exc)}"
+
+
+def probe(module: ModuleType, earlier: Mapping[str, Found]) -> Found:
+    """The devices `Core().available_devices` lists that a model compiles for, CPU first;
+    a GPU or NPU among them is an accelerator (the CPU is the node's cpu), a GPU with the
+    memory it reports."""
+    try:
+        core = module.Core()
+        listed = devices(module, core)
+    except Exception as exc:  # the runtime imports but its plugins do not load
+        return Found(why_none=f"openvino lists no device: {_failure(exc)}")
+    if not listed:
+        return Found(why_none="openvino imports but lists no device (Core().available_devices)")
+    order = {family: i for i, family in enumerate(DEVICES)}
+    usable = [(d, n) for d, n in listed if d.partition(".")[0] in order]
+    usable.sort(key=lambda pair: order[pair[0].partition(".")[0]])
+    found: list[Device] = []
+    for device, name in usable:
+        kind = KINDS.get(device.partition(".")[0])
+        accelerators: tuple[Accelerator, ...] = ()
+        if kind is not None:
+            memory = memory_mb(core, device) if kind == "gpu" else None
+            accelerators = (
+                Accelerator(
+                    kind=kind,
+                    name=name,
+                    runtime="openvino",
+                    detail={"device": device},
+                    memory_mb=memory,
+                ),
+            )
+        found.append(Device(device, FORMATS, accelerators))
+    names = tuple(d for d, _ in listed)
+    why = "" if found else f"openvino lists no device a model compiles for ({', '.join(names)})"
+    return Found(tuple(found), providers=names, why_none=why, handle=core)
+
+
+def backend(module: ModuleType, device: Device, found: Found) -> Backend:
+    return OpenVinoBackend(module, device.name, found.handle, found.names)
+
+
+ENTRIES = (
+    RuntimeEntry(
+        key="openvino",
+        module="openvino",
+        packages=("openvino",),
+        formats=FORMATS,
+        preference=40,
+        probe=probe,
+        backend=backend,
+    ),
+)

@@ -44,6 +44,13 @@ def library_loads(name: str) -> bool:
     return True
 
 
+@pytest.fixture(autouse=True)
+def fresh_edgetpu_probe() -> None:
+    """The Edge TPU probe keeps its first answer for the process: tests that fake the
+    hardware start over."""
+    edgetpu.forget()
+
+
 @pytest.fixture(scope="module")
 def probe() -> caps.Probe:
     return caps.probe_runtimes()

@@ -415,10 +415,14 @@ def test_runtime_names_are_checked_against_the_known_runtimes() -> None:
     assert import_runtimes([]) == {}
 
 
-def test_the_capability_probe_knows_the_same_runtimes() -> None:
+def test_the_capability_probe_reads_the_one_registry() -> None:
     from mqinfer.node import capabilities
+    from mqinfer.node.runtimes import RUNTIME_MODULES, registry
 
-    assert tuple(spec.key for spec in capabilities._RUNTIMES) == RUNTIMES
+    assert registry.NAMES == RUNTIMES == tuple(RUNTIME_MODULES)
+    assert not hasattr(capabilities, "_RUNTIMES")  # no second table
+    probe = capabilities.probe_runtimes()
+    assert set(probe.runtimes) | {k for k in probe.absent if k in RUNTIMES} == set(RUNTIMES)
 
 
 # ---- the fastest runtime, measured --------------------------------------------------------

@@ -1,7 +1,9 @@
 """Where a service's replicas go: pure functions over the registry, no I/O.
 
 A node is eligible when it is online with known capabilities, runs the model's format,
-has the memory, and matches the spec's constraints. Eligible nodes are ranked by speed:
+has the memory, and matches the spec's constraints. A spec that asks for an accelerator
+kind also needs one of that kind with the memory the model takes there, where the node
+announces the accelerator's memory (a GPU's `memory_mb`). Eligible nodes are ranked by speed:
 cores not already busy (load average), shared by the services already running there, times
 the node's measured speed relative to the fastest eligible node (within 20% counts as
 equal), with the artifact already cached as a tie-breaker. Speed is what a node measured
@@ -11,6 +13,7 @@ capabilities.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from mqinfer.coordinator.registry import NodeRecord
@@ -18,11 +21,38 @@ from mqinfer.protocol import messages as m
 
 MEMORY_HEADROOM_MB = 64  # beyond the model itself (runtime, buffers, the agent)
 MEMORY_FACTOR = 3  # a loaded model takes a few times its file size (arena, copies)
+# On an accelerator with memory of its own (a GPU) each worker's session holds the weights
+# and the activations and workspace of a run: taken as this many times the file size.
+ACCELERATOR_MEMORY_FACTOR = 3
 
 
 def memory_needed_mb(spec: m.ServiceSpec) -> int:
     per_worker = spec.size * MEMORY_FACTOR / 2**20
     return int(per_worker * spec.workers) + MEMORY_HEADROOM_MB
+
+
+def accelerator_memory_needed_mb(spec: m.ServiceSpec) -> int:
+    """The accelerator memory the spec's model is estimated to take (MB, rounded up):
+    workers x ACCELERATOR_MEMORY_FACTOR x the model file's size."""
+    return math.ceil(spec.size * ACCELERATOR_MEMORY_FACTOR * spec.workers / 2**20)
+
+
+def why_too_small(spec: m.ServiceSpec, accelerators: list[m.Accelerator]) -> str | None:
+    """None when one of the node's accelerators of the kind the spec asks for may hold the
+    model (its memory is not announced, or is enough), else why none can."""
+    want = spec.constraints.accelerator
+    of_kind = [a for a in accelerators if a.kind == want]
+    if want is None or not of_kind or any(a.memory_mb is None for a in of_kind):
+        return None
+    need = accelerator_memory_needed_mb(spec)
+    largest = max(of_kind, key=lambda a: a.memory_mb or 0)
+    if largest.memory_mb is None or largest.memory_mb >= need:
+        return None
+    return (
+        f"{want} {largest.name} has {largest.memory_mb} MB of memory, the model needs"
+        f" {need} MB ({spec.workers} worker(s) x {ACCELERATOR_MEMORY_FACTOR}"
+        f" x {spec.size / 2**20:.1f} MB file)"
+    )
 
 
 def why_not(spec: m.ServiceSpec, rec: NodeRecord) -> str | None:
@@ -42,8 +72,9 @@ def why_not(spec: m.ServiceSpec, rec: NodeRecord) -> str | None:
 
 
 def why_unfit(spec: m.ServiceSpec, rec: NodeRecord) -> str | None:
-    """What the spec asks that the node is not (format, accelerator, labels), whatever it
-    has free: a replica already there is moved when its spec changes so ([T-COORD-6])."""
+    """What the spec asks that the node is not (format, accelerator and its memory,
+    labels), whatever it has free: a replica already there is moved when its spec changes
+    so ([T-COORD-6])."""
     caps = rec.caps
     if caps is None:
         return "capabilities not known yet"
@@ -53,6 +84,9 @@ def why_unfit(spec: m.ServiceSpec, rec: NodeRecord) -> str | None:
     want = spec.constraints.accelerator
     if want is not None and want not in kinds:
         return f"no {want} accelerator (has {', '.join(sorted(kinds))})"
+    small = why_too_small(spec, caps.accelerators)
+    if small is not None:
+        return small
     for key, value in spec.constraints.labels.items():
         if caps.labels.get(key) != value:
             return f"label {key}={value} not set"

@@ -24,6 +24,13 @@ DEPLOY_TIMEOUT = 120.0  # seconds for a node to fetch, load and warm a model
 UNDEPLOY_TIMEOUT = 20.0
 DEPLOY_ATTEMPTS = 2
 RECONCILE_EVERY = 10.0  # seconds between undeploys of the same stray service on a node
+# A deploy that failed for a reason that can pass (the model's meta had not reached the
+# node's broker yet, a full disk, a busy node, no answer) is tried again on that node after
+# RETRY_FAILED_S, doubling each time up to RETRY_FAILED_MAX_S; one refused for what the
+# node or the model is (format, runtime, signature, a model that does not load) is not.
+RETRY_FAILED_S = 30.0
+RETRY_FAILED_MAX_S = 600.0
+PASSING = ("artifact_missing", "bad_artifact", "storage_failed", "busy", "internal", "no answer")
 
 
 @dataclass
@@ -50,6 +57,8 @@ class Service:
     spec: m.ServiceSpec | None = None  # the whole spec (a stage deploys its segment)
     replicas: dict[str, Replica] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # node -> why deploy failed there
+    # node -> (when a deploy that failed for a passing reason may be tried again, times)
+    retry: dict[str, tuple[float, int]] = field(default_factory=dict)
     removing: dict[str, Replica] = field(default_factory=dict)  # undeploys in flight
     adopted: bool = False
 
@@ -107,6 +116,7 @@ class Provisioner:
             self.services[key] = svc
             if spec is not None and svc.spec is not None and spec != svc.spec:
                 svc.failed.clear()  # a new spec gets a new chance everywhere
+                svc.retry.clear()
             svc.spec = spec
 
     def on_status(self, name: str, status: m.ServiceStatus | None) -> None:
@@ -132,6 +142,7 @@ class Provisioner:
             return
         if reply.ok:
             rep.state, rep.reason, rep.ready_wall = "ready", None, time.time()
+            svc.retry.pop(node, None)
             in_place = reply.result.get("already") is True
             runtime = m.runtime_name(reply.result.get("runtime"))
             rep.runtime = runtime or (rep.runtime if in_place else None)
@@ -139,7 +150,7 @@ class Provisioner:
         else:
             why = f"{reply.error.code}: {reply.error.message}" if reply.error else "failed"
             log.warning("service %s: deploy on %s failed: %s", name, node, why)
-            svc.failed[node] = why
+            _fail(svc, node, why, now)
             del svc.replicas[node]
 
     # ---- decisions ----------------------------------------------------------------------
@@ -314,7 +325,7 @@ class Provisioner:
                 actions.append(self._deploy(svc, rep, registry, now, in_place))
             elif rep.state == "deploying" and now - rep.sent > DEPLOY_TIMEOUT:
                 if rep.attempts >= DEPLOY_ATTEMPTS:
-                    svc.failed[node] = f"no answer to deploy within {DEPLOY_TIMEOUT:.0f} s"
+                    _fail(svc, node, f"no answer to deploy within {DEPLOY_TIMEOUT:.0f} s", now)
                     del svc.replicas[node]
                 else:
                     actions.append(self._deploy(svc, rep, registry, now))
@@ -323,6 +334,10 @@ class Provisioner:
                 rep.attempts = 0
                 actions.append(self._deploy(svc, rep, registry, now))
 
+        for node, (when, _times) in list(svc.retry.items()):
+            if now >= when and node in svc.failed:
+                log.info("service %s: trying %s again (%s)", svc.name, node, svc.failed[node])
+                del svc.failed[node]
         active = list(svc.replicas.values())
         if len(active) < spec.replicas:
             exclude = {n: "has a replica" for n in svc.replicas}
@@ -474,3 +489,13 @@ def _why(missing: int, failed: dict[str, str], refused: dict[str, str]) -> str:
         return f"no node to place {missing} more replica(s) on"
     listed = "; ".join(f"{n}: {w}" for n, w in sorted(reasons.items()))
     return f"no node can take {missing} more replica(s): {listed}"
+
+
+def _fail(svc: Service, node: str, why: str, now: float) -> None:
+    """A deploy on `node` failed: no replica goes there again for this spec, unless the
+    reason can pass; then it is tried again later, later each time."""
+    svc.failed[node] = why
+    if why.startswith(PASSING):
+        _, times = svc.retry.get(node, (0.0, 0))
+        delay = min(RETRY_FAILED_S * 2**times, RETRY_FAILED_MAX_S)
+        svc.retry[node] = (now + delay, times + 1)

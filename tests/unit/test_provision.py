@@ -9,6 +9,8 @@ from mqinfer.coordinator.provision import (
     DEPLOY_ATTEMPTS,
     DEPLOY_TIMEOUT,
     RECONCILE_EVERY,
+    RETRY_FAILED_MAX_S,
+    RETRY_FAILED_S,
     Action,
     Provisioner,
     PublishStatus,
@@ -227,8 +229,12 @@ def test_a_deploy_without_answer_is_sent_again_then_given_up() -> None:
     assert replicas(status) == {"n1": ("failed", reason[len("failed: ") :])}
     assert status.reason == f"no node can take 1 more replica(s): n1: {reason}"
     # The late answer to the first deploy is not taken for the last one.
-    p.on_reply(reply(first), 3 * DEPLOY_TIMEOUT)
-    assert p.step(reg, 3 * DEPLOY_TIMEOUT + 1) == []
+    gave_up = 2.0 + 2 * DEPLOY_TIMEOUT
+    p.on_reply(reply(first), gave_up + 1)
+    assert p.step(reg, gave_up + 2) == []
+    # No answer can pass (a node slow to fetch): the node is tried again later.
+    [retry] = sends(p.step(reg, gave_up + RETRY_FAILED_S), "deploy")
+    assert retry.command.id not in (first.command.id, again[0].command.id)
 
 
 # ---- removal ----------------------------------------------------------------------------
@@ -645,3 +651,32 @@ def test_a_spec_that_now_asks_for_a_label_moves_replicas_off_nodes_without_it() 
     assert [c.node for c in sends(actions, "undeploy")] == ["n3"]
     assert sends(actions, "deploy") == []
     assert last_status(actions).state == "failed"
+
+
+def test_a_deploy_that_failed_for_a_passing_reason_is_tried_again_later() -> None:
+    """A node that could not find the model's meta yet (on a cluster it can arrive late)
+    gets the deploy again after RETRY_FAILED_S, then after twice that; one whose runtime
+    refused the model does not."""
+    reg = registry("n1", "n2")
+    p, actions = started(reg, spec())
+    cmd1, cmd2 = sends(actions, "deploy")
+    p.on_reply(reply(cmd1), 1.1)
+    p.on_reply(reply(cmd2, ok=False, code="artifact_missing"), 1.1)
+    status = last_status(p.step(reg, 1.2))
+    assert status.state == "degraded" and replicas(status)["n2"][0] == "failed"
+    assert sends(p.step(reg, 1.1 + RETRY_FAILED_S - 1)) == []
+    [again] = sends(p.step(reg, 1.1 + RETRY_FAILED_S), "deploy")
+    assert again.node == "n2"
+    t = 1.1 + RETRY_FAILED_S + 1
+    p.on_reply(reply(again, ok=False, code="artifact_missing"), t)
+    assert sends(p.step(reg, t + RETRY_FAILED_S)) == []  # later this time
+    [third] = sends(p.step(reg, t + 2 * RETRY_FAILED_S), "deploy")
+    p.on_reply(reply(third), t + 2 * RETRY_FAILED_S + 1)
+    assert last_status(p.step(reg, t + 2 * RETRY_FAILED_S + 2)).state == "ready"
+
+    q, actions = started(registry("n1", "n2"), spec())
+    cmd1, cmd2 = sends(actions, "deploy")
+    q.on_reply(reply(cmd1), 1.1)
+    q.on_reply(reply(cmd2, ok=False, code="load_failed"), 1.1)
+    assert sends(q.step(reg, 1.2)) == []
+    assert sends(q.step(reg, 1.1 + RETRY_FAILED_MAX_S * 2)) == []

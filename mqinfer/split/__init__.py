@@ -7,10 +7,10 @@ cut and become the outputs of the one segment and the inputs of the next, matche
 
 How the cuts are chosen:
 
-1. Candidate cuts are the positions where at most `max_crossing` tensors cross. With one
-   (the default), a cut where a model input is still needed later, or a model output is
-   already made, is refused: a segment would have to pass that tensor through without
-   using it. With more (None, `--max-crossing auto`: up to `AUTO_MAX_CROSSING`), such
+1. Candidate cuts are the positions where at most `max_crossing` tensors cross. With one,
+   a cut where a model input is still needed later, or a model output is already made,
+   is refused: a segment would have to pass that tensor through without using it. With
+   more (None, the default, `--max-crossing auto`: up to `AUTO_MAX_CROSSING`), such
    tensors cross like the others and are passed through; at most `MEASURED_SEVERAL` cuts
    where several tensors cross are measured, spread over the model, and a plan of cuts
    where one tensor crosses is kept whenever it balances within `BALANCE_SLACK` of the

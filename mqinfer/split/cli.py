@@ -67,13 +67,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-crossing",
         type=_crossing,
-        default=1,
+        default=None,
         metavar="K",
-        help="most tensors allowed to cross a cut (default %(default)s); residual networks "
-        "have more cut points with 2. With 2 or more, a model input read late or a model "
-        "output made early is passed through the segments in between. 'auto': up to "
+        help="most tensors allowed to cross a cut, or 'auto' (the default): up to "
         f"{AUTO_MAX_CROSSING}, cuts where one tensor crosses preferred unless more balance "
-        "the segments better",
+        "the segments better. With 2 or more, a model input read late or a model output "
+        "made early is passed through the segments in between; 1 allows single-tensor cuts "
+        "only",
     )
     p.add_argument(
         "--threads",

@@ -188,3 +188,11 @@ def _measured(g: _Graph, cuts: _Cuts, extra: int) -> _Cuts:
         if c not in kept:
             problems[c] = ("unmeasured", "several tensors cross it, and it was not measured")
     return _Cuts(cuts.live, cuts.order, problems, cuts.pass_through)
+
+
+def _without(cuts: _Cuts, unrunnable: dict[int, str]) -> _Cuts:
+    """`cuts` less the positions where the runtime could not run the model cut there."""
+    problems = dict(cuts.problems)
+    for c, why in unrunnable.items():
+        problems[c] = ("runtime", f"the runtime cannot run the model cut there ({why})")
+    return _Cuts(cuts.live, cuts.order, problems, cuts.pass_through)

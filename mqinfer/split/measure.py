@@ -93,27 +93,38 @@ def _prefix_latencies(
     feed: list[np.ndarray],
     threads: int,
     work: Path,
+    unrunnable: dict[int, str],
 ) -> dict[int, float]:
     """L(c): run time of the prefix [0, c) for every valid cut, L(0) = 0, L(n) the whole
     model. Each prefix is measured as a fraction of the whole model (`paired_ratio`), the
     fractions made non-decreasing (`_isotonic`, with 0 and 1 held at the ends) and scaled by
-    the whole model's fastest median."""
-    valid = cuts.valid(g.n)
+    the whole model's fastest median. A cut whose prefix the runtime cannot load or run is
+    left out, with the reason, in `unrunnable`."""
     whole_ms = [median_ms(whole, feed)]
-    ratios = []
-    for c in valid:
+    measured, ratios = [], []
+    for c in cuts.valid(g.n):
         prefix = work / f"prefix{c}{SUFFIXES[g.format]}"
         prefix.write_bytes(g.build(0, c, g.inputs, cuts.order[c]))
-        model = _load(backend, prefix, threads)
-        ratio, took = paired_ratio(model, whole, feed)
+        try:
+            model = _load(backend, prefix, threads)
+            try:
+                ratio, took = paired_ratio(model, whole, feed)
+            finally:
+                model.close()
+        except SplitError as e:
+            # The runtime cannot run the model cut there (LiteRT's XNNPACK refuses a graph
+            # that passes a model input straight through, say): not a candidate.
+            unrunnable[c] = str(e)
+            continue
+        finally:
+            prefix.unlink()
+        measured.append(c)
         ratios.append(ratio)
         whole_ms.append(took)
-        model.close()
-        prefix.unlink()
-    held = float(len(valid) + 1)  # weight that keeps the ends where they are
+    held = float(len(measured) + 1)  # weight that keeps the ends where they are
     fitted = _isotonic([0.0, *ratios, 1.0], [held, *([1.0] * len(ratios)), held])
     scale = min(whole_ms)
-    return {c: r * scale for c, r in zip([0, *valid, g.n], fitted, strict=True)}
+    return {c: r * scale for c, r in zip([0, *measured, g.n], fitted, strict=True)}
 
 
 def _isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from mqinfer.protocol.manifest import Manifest, Pipeline, Segment
 from mqinfer.servicefile import PIPELINE_SUFFIX
-from mqinfer.split.cuts import _analyse, _check_positions, _measured, _refusal
+from mqinfer.split.cuts import _analyse, _check_positions, _measured, _refusal, _without
 from mqinfer.split.errors import SplitError
 from mqinfer.split.graph import SUFFIXES, _format, _read_graph
 from mqinfer.split.measure import (
@@ -50,7 +50,7 @@ def split_model(
     out_dir: str | Path,
     *,
     max_segment_mb: float | None = None,
-    max_crossing: int | None = 1,
+    max_crossing: int | None = None,
     threads: int = 1,
     samples: Sequence[Sequence[np.ndarray]] = (),
     name: str | None = None,
@@ -109,7 +109,13 @@ def split_model(
                     f"{len(over[0].data) / MB:.2f} MB, over --max-segment-mb {max_segment_mb:g}"
                 )
         else:
-            costs.latency = _prefix_latencies(g, cuts, backend, whole, feed, threads, work)
+            unrunnable: dict[int, str] = {}
+            costs.latency = _prefix_latencies(
+                g, cuts, backend, whole, feed, threads, work, unrunnable
+            )
+            if unrunnable:
+                cuts = _without(cuts, unrunnable)
+                costs.cuts = cuts
             plan, built = _choose(path.name, g, cuts, costs, segments, cap)
         whole.close()
 

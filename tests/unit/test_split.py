@@ -13,6 +13,7 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -21,7 +22,7 @@ import onnx.numpy_helper
 import pytest
 
 import mqinfer.cli
-from mqinfer.node.runtimes import Backend, Model, available_backends
+from mqinfer.node.runtimes import Backend, Model, RuntimeFailure, available_backends
 from mqinfer.protocol.manifest import Manifest, Pipeline, format_of
 from mqinfer.split import (
     RANDOM_INPUTS,
@@ -202,9 +203,10 @@ def test_max_segment_mb_moves_the_cut(tmp_path: Path, backends: dict[str, Backen
 
 
 def test_cut_where_two_tensors_cross(tmp_path: Path, backends: dict[str, Backend]) -> None:
-    """Inside a residual block the skip tensor crosses too: allowed with max_crossing=2."""
+    """Inside a residual block the skip tensor crosses too: allowed with max_crossing=2
+    (and by default), refused with 1."""
     with pytest.raises(SplitError, match="2 tensors cross it"):
-        split_model(MOBILENET, 2, tmp_path, at=[16])
+        split_model(MOBILENET, 2, tmp_path, at=[16], max_crossing=1)
     pipeline = split_model(MOBILENET, 3, tmp_path, at=[16, 20], max_crossing=2)
     assert [len(seg.manifest.outputs) for seg in pipeline.segments] == [2, 2, 1]
     _check_split(backends, MOBILENET, pipeline, tmp_path, _random_images(1), 3)
@@ -213,8 +215,8 @@ def test_cut_where_two_tensors_cross(tmp_path: Path, backends: dict[str, Backend
 @pytest.mark.parametrize(
     ("model", "segments", "options", "says"),
     [
-        (MOBILENET, 40, {}, "36 of the 66 positions between operators are valid cuts"),
-        (MOBILENET, 40, {}, "--max-crossing 2 would allow it"),
+        (MOBILENET, 40, {"max_crossing": 1}, "36 of the 66 positions between operators are valid"),
+        (MOBILENET, 40, {"max_crossing": 1}, "--max-crossing 2 would allow it"),
         (MOBILENET, 2, {"max_segment_mb": 1.0}, "operator 64 (FULLY_CONNECTED) alone holds"),
         (MOBILENET, 2, {"max_segment_mb": 2.0}, "no 2 segments of at most 2 MB each"),
         (MOBILENET, 2, {"max_crossing": 0}, "expected 1 or more tensors"),
@@ -328,7 +330,7 @@ def test_onnx_two_tensors_cross(tmp_path: Path, backends: dict[str, Backend]) ->
         ["o"],
     )
     with pytest.raises(SplitError, match=r"cannot cut at 2: 2 tensors cross it \('x', 'y'\)"):
-        split_model(model, 2, tmp_path / "out", at=[2])
+        split_model(model, 2, tmp_path / "out", at=[2], max_crossing=1)
     pipeline = split_model(model, 2, tmp_path / "out", at=[2], max_crossing=2)
     assert [s.name for s in pipeline.segments[1].manifest.inputs] == ["x", "y"]
     rng = np.random.default_rng(2)
@@ -373,7 +375,7 @@ def test_onnx_pass_through_is_refused_with_reason(
 ) -> None:
     model = _onnx(tmp_path / "m.onnx", nodes, inputs, outputs)
     with pytest.raises(SplitError) as e:
-        split_model(model, 3, tmp_path / "out")
+        split_model(model, 3, tmp_path / "out", max_crossing=1)
     assert "valid cuts" in str(e.value) and says in str(e.value)
 
 
@@ -410,7 +412,10 @@ def test_cli_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     shutil.copy(DIGITS["int8"], compiled)
     assert main([str(compiled), "--segments", "2"]) == 2
     assert "mqinfer split: m_edgetpu.tflite is compiled for the Edge TPU" in capsys.readouterr().err
-    assert main([str(MOBILENET), "--segments", "40", "-o", str(tmp_path / "out")]) == 2
+    assert (
+        main([str(MOBILENET), "--segments", "40", "--max-crossing", "1", "-o", str(tmp_path / "o")])
+        == 2
+    )
     assert "39 are needed" in capsys.readouterr().err
     for argv, says in [
         ([str(MOBILENET), "--segments", "1"], "--segments: expected 2 or more, got 1"),
@@ -591,7 +596,7 @@ def test_explicit_cuts_pass_through_with_more_crossing(
 ) -> None:
     model = _onnx(tmp_path / "late.onnx", *LATE_INPUT)
     with pytest.raises(SplitError, match="model input 'b' is still read by operator 4"):
-        split_model(model, 2, tmp_path / "out", at=[3])
+        split_model(model, 2, tmp_path / "out", at=[3], max_crossing=1)
     pipeline = split_model(model, 3, tmp_path / "out", at=[2, 3], max_crossing=3)
     assert [[s.name for s in seg.manifest.outputs] for seg in pipeline.segments] == [
         ["b", "s", "o1"],
@@ -607,9 +612,10 @@ def test_cli_auto_crossing_reports_what_crosses(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     model = _onnx(tmp_path / "late.onnx", *LATE_INPUT)
-    assert main([str(model), "--segments", "2", "-o", str(tmp_path / "refused")]) == 2
+    one = ["--max-crossing", "1"]
+    assert main([str(model), "--segments", "2", *one, "-o", str(tmp_path / "refused")]) == 2
     assert "model input 'b' is still read by operator 4" in capsys.readouterr().err
-    code = main([str(model), "--segments", "2", "--max-crossing", "auto", "-o", str(tmp_path)])
+    code = main([str(model), "--segments", "2", "-o", str(tmp_path)])  # auto, the default
     out = capsys.readouterr().out
     assert code == 0
     said = re.search(
@@ -674,3 +680,31 @@ def test_a_segment_passes_its_input_on_unchanged(
     passed, made = prefix.run([x])
     np.testing.assert_array_equal(passed, x)
     assert made.shape == tuple(d if d > 0 else 1 for d in prefix.outputs[1].shape)
+
+
+class _Refusing:
+    """A runtime backend that cannot load the prefix cut at `position` (as LiteRT's XNNPACK
+    cannot set up some graphs that pass a model input straight through)."""
+
+    def __init__(self, inner: Backend, position: int) -> None:
+        self.inner, self.position = inner, position
+        self.key, self.formats, self.device = inner.key, inner.formats, inner.device
+
+    def load(self, path: str, threads: int, device: str | None = None) -> Any:
+        if Path(path).name.startswith(f"prefix{self.position}."):
+            raise RuntimeFailure("failed to setup XNNPACK runtime")
+        return self.inner.load(path, threads, device)
+
+
+def test_a_cut_whose_prefix_the_runtime_cannot_run_is_not_chosen(
+    tmp_path: Path, backends: dict[str, Backend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the runtime refuses the model cut at a position, the split measures the
+    others and cuts elsewhere, still exact."""
+    first = split_model(MOBILENET, 2, tmp_path / "a")
+    chosen = first.segments[0].ops[1]
+    refusing = _Refusing(backends["tflite"], chosen)
+    monkeypatch.setattr("mqinfer.split.splitter._backend", lambda fmt: refusing)
+    pipeline = split_model(MOBILENET, 2, tmp_path / "b")
+    assert pipeline.segments[0].ops[1] != chosen
+    _check_split(backends, MOBILENET, pipeline, tmp_path / "b", _random_images(1), 2)

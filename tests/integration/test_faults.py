@@ -57,10 +57,11 @@ def stream(req: Requester, fault: Callable[[], None], at: float = 0.3) -> Tally:
     every answer (PATIENCE at most) and count."""
     images, _ = digits_test_set()
     ids = [f"f{i}" for i in range(COUNT)]
+    faulting = threading.Thread(target=fault, name="fault", daemon=True)
     start = time.monotonic()
     for i, rid in enumerate(ids):
         if i == int(COUNT * at):
-            threading.Thread(target=fault, name="fault", daemon=True).start()
+            faulting.start()
         req.send(rid, png(images[i % len(images)]))
         delay = start + (i + 1) / RATE - time.monotonic()
         if delay > 0:
@@ -68,6 +69,10 @@ def stream(req: Requester, fault: Callable[[], None], at: float = 0.3) -> Tally:
     deadline = time.monotonic() + PATIENCE
     while req.count_of(ids) < len(ids) and time.monotonic() < deadline:
         time.sleep(0.1)
+    # The fault ends (a stalled node resumes, a cut link comes back) before anything is
+    # counted: that is when a node that was given up on would answer its old work.
+    faulting.join(PATIENCE)
+    assert not faulting.is_alive(), "the fault did not end"
     time.sleep(2.0)  # a duplicate would come now
     with req.lock:
         got = {rid: list(req.results.get(rid, [])) for rid in ids}

@@ -30,7 +30,7 @@ RECONCILE_EVERY = 10.0  # seconds between undeploys of the same stray service on
 # node or the model is (format, runtime, signature, a model that does not load) is not.
 RETRY_FAILED_S = 30.0
 RETRY_FAILED_MAX_S = 600.0
-PASSING = ("artifact_missing", "bad_artifact", "storage_failed", "busy", "internal", "no answer")
+PASSING = frozenset({"artifact_missing", "bad_artifact", "storage_failed", "busy", "internal"})
 
 
 @dataclass
@@ -150,7 +150,9 @@ class Provisioner:
         else:
             why = f"{reply.error.code}: {reply.error.message}" if reply.error else "failed"
             log.warning("service %s: deploy on %s failed: %s", name, node, why)
-            _fail(svc, node, why, now)
+            _fail(
+                svc, node, why, now, passing=reply.error is not None and reply.error.code in PASSING
+            )
             del svc.replicas[node]
 
     # ---- decisions ----------------------------------------------------------------------
@@ -325,7 +327,8 @@ class Provisioner:
                 actions.append(self._deploy(svc, rep, registry, now, in_place))
             elif rep.state == "deploying" and now - rep.sent > DEPLOY_TIMEOUT:
                 if rep.attempts >= DEPLOY_ATTEMPTS:
-                    _fail(svc, node, f"no answer to deploy within {DEPLOY_TIMEOUT:.0f} s", now)
+                    why = f"no answer to deploy within {DEPLOY_TIMEOUT:.0f} s"
+                    _fail(svc, node, why, now, passing=True)
                     del svc.replicas[node]
                 else:
                     actions.append(self._deploy(svc, rep, registry, now))
@@ -491,11 +494,11 @@ def _why(missing: int, failed: dict[str, str], refused: dict[str, str]) -> str:
     return f"no node can take {missing} more replica(s): {listed}"
 
 
-def _fail(svc: Service, node: str, why: str, now: float) -> None:
+def _fail(svc: Service, node: str, why: str, now: float, passing: bool) -> None:
     """A deploy on `node` failed: no replica goes there again for this spec, unless the
-    reason can pass; then it is tried again later, later each time."""
+    reason can pass (`passing`); then it is tried again later, later each time."""
     svc.failed[node] = why
-    if why.startswith(PASSING):
+    if passing:
         _, times = svc.retry.get(node, (0.0, 0))
         delay = min(RETRY_FAILED_S * 2**times, RETRY_FAILED_MAX_S)
         svc.retry[node] = (now + delay, times + 1)

@@ -151,7 +151,7 @@ def _edgetpu_accelerators(runtime: str, seen: list[dict[str, str]]) -> list[Acce
 
 
 # (runtime key, id(module)) of the runtimes tried -> (the modules, kept so that their ids
-# are not reused; what the probe found)
+# cannot be reused while the entry lives; what the probe found)
 _PROBED: dict[
     tuple[tuple[str, int], ...],
     tuple[list[ModuleType], tuple[list[Accelerator], str, str]],
@@ -169,7 +169,7 @@ def probe(modules: dict[str, ModuleType]) -> tuple[list[Accelerator], str, str]:
     ident = tuple((key, id(modules[key])) for key in tflite)
     with _PROBED_LOCK:
         kept = _PROBED.get(ident)
-        if kept is None or any(a is not modules[k] for a, k in zip(kept[0], tflite, strict=True)):
+        if kept is None:
             kept = ([modules[key] for key in tflite], _probe(modules, tflite))
             _PROBED[ident] = kept
         accelerators, runtime, why = kept[1]

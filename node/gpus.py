@@ -27,7 +27,6 @@ _NVIDIA_PROVIDERS = (
     "CUDAExecutionProvider",
 )
 CUDA_PROVIDER = "CUDAExecutionProvider"  # what runs a model on an NVIDIA GPU ('cuda:N')
-_ROCM_PROVIDERS = ("MIGraphXExecutionProvider", "ROCMExecutionProvider")
 NVIDIA_SMI_TIMEOUT = 10.0  # seconds
 _AMD_PROVIDERS = ("MIGraphXExecutionProvider", "ROCMExecutionProvider")
 _DIRECTML_PROVIDER = "DmlExecutionProvider"
@@ -280,7 +279,7 @@ def onnx_accelerators(
             )
 
     gpu_family(_NVIDIA_PROVIDERS, CUDA_PROVIDER, nvidia or nvidia_gpus, "nvidia", "cuda")
-    gpu_family(_ROCM_PROVIDERS, None, amd or amd_gpus, "amd", "rocm")
+    gpu_family(_AMD_PROVIDERS, None, amd or amd_gpus, "amd", "rocm")
     if _DIRECTML_PROVIDER in providers:
         # DirectML runs on any DirectX 12 adapter, and ONNX Runtime does not say whether
         # there is one: unconfirmed hardware is not announced.

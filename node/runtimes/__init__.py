@@ -29,6 +29,7 @@ __all__ = [
     "RuntimeFailure",
     "available_backends",
     "backends_for",
+    "backends_of",
     "candidates",
     "fastest",
     "format_of",

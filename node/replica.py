@@ -99,7 +99,10 @@ class Replica:
         """Load one model per worker and warm each up; raise ProtocolError(LOAD_FAILED)."""
         t0 = time.perf_counter()
         try:
-            runtimes = candidates(self.backend)
+            runtimes = self._verified(candidates(self.backend))
+            if len(runtimes) == 1 and runtimes[0] is not self.backend:
+                self.backend = runtimes[0]
+                self.runtime = label(self.backend)
             if len(runtimes) > 1:
                 self._models.append(self._fastest(runtimes))
             while len(self._models) < self.workers:
@@ -126,6 +129,28 @@ class Replica:
         if self.measured_ms:
             detail["measured_ms"] = {k: round(v, 4) for k, v in self.measured_ms.items()}
         return detail
+
+    def _verified(self, runtimes: list[Backend]) -> list[Backend]:
+        """A pipeline stage runs on the runtime its split was verified with, where this
+        node has it: another runtime's kernels may round differently, and the chained
+        stages would then not give the whole model's outputs ([T-PIPE-6])."""
+        pipeline = self.spec.pipeline
+        if self.stage is None or pipeline is None or pipeline.runtime is None:
+            return runtimes
+        same = [b for b in runtimes if b.key == pipeline.runtime]
+        if not same:
+            log.warning(
+                "%s: verified with %s, which this node does not have; serving with %s",
+                self.slot,
+                pipeline.runtime,
+                ", ".join(label(b) for b in runtimes),
+            )
+            return runtimes
+        if len(same) < len(runtimes):
+            log.info(
+                "%s: serving with %s, the runtime it was verified with", self.slot, label(same[0])
+            )
+        return same
 
     def _fastest(self, runtimes: list[Backend]) -> Model:
         """Measure the runtimes that can run the model and serve with the fastest; its

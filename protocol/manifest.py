@@ -133,3 +133,10 @@ class Pipeline(_Frozen):
     segments: list[Segment] = Field(min_length=2)
     verification: Verification
     profile_threads: int = Field(1, ge=1, description="Runtime threads when latency was measured")
+    runtime: str | None = Field(
+        None,
+        max_length=64,
+        pattern=r"^[a-z0-9_]+$",
+        description="The runtime the chained segments were verified with ('litert', "
+        "'onnxruntime'): a stage serves with it where its node has it",
+    )

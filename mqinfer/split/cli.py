@@ -263,12 +263,15 @@ def report(pipeline: Pipeline, directory: Path, seconds: float, *, by_cost: bool
     ]
     lines += _crossings(pipeline)
     v = pipeline.verification
+    with_ = f" with {pipeline.runtime}" if pipeline.runtime else ""
     if v.exact:
-        lines.append(f"verified on {v.inputs} inputs: outputs bitwise equal to the whole model's")
+        lines.append(
+            f"verified{with_} on {v.inputs} inputs: outputs bitwise equal to the whole model's"
+        )
     else:
         lines.append(
-            f"verified on {v.inputs} inputs: outputs within {v.tolerance:.3g} of the whole "
-            f"model's (largest difference {v.max_abs_diff:.3g})"
+            f"verified{with_} on {v.inputs} inputs: outputs within {v.tolerance:.3g} of the "
+            f"whole model's (largest difference {v.max_abs_diff:.3g})"
         )
     files = [seg.manifest.file for seg in segments] + [pipeline_file(pipeline.model)]
     lines.append("wrote " + ", ".join(str(directory / f) for f in files))

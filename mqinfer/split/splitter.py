@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from mqinfer.node.runtimes import candidates
 from mqinfer.protocol.manifest import Manifest, Pipeline, Segment
 from mqinfer.servicefile import PIPELINE_SUFFIX
 from mqinfer.split.cuts import _analyse, _check_positions, _measured, _refusal, _without
@@ -169,6 +170,7 @@ def split_model(
         segments=out,
         verification=verification,
         profile_threads=threads,
+        runtime=candidates(backend)[0].key,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     for file, part in zip(files, built, strict=True):

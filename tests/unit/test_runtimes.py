@@ -600,6 +600,80 @@ def test_a_replica_serves_with_the_measured_runtime_and_says_so(
     single.close()
 
 
+def test_a_pipeline_stage_serves_with_the_runtime_its_split_was_verified_with(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[T-PIPE-6] however fast another runtime is; a node without that runtime serves
+    with what it has and says so."""
+    from mqinfer.node import replica as replica_module
+    from mqinfer.node.replica import Replica
+    from mqinfer.protocol import messages as m
+    from mqinfer.protocol.manifest import Pipeline, Segment, Verification
+
+    tensor = TensorInfo(name="x", dtype="float32", shape=[1, 4])
+    segments = [
+        Segment(
+            manifest=Manifest(
+                name=f"m.seg{k}",
+                format="tflite",
+                file=f"m.seg{k}.tflite",
+                sha256=f"{k:02x}" * 32,
+                size=10,
+                inputs=[tensor],
+                outputs=[tensor],
+            ),
+            ops=(k, k + 1),
+        )
+        for k in range(2)
+    ]
+
+    def stage0(runtime: str | None, backend: Any) -> Replica:
+        pipeline = Pipeline(
+            name="m",
+            model="m.tflite",
+            sha256="ab" * 32,
+            format="tflite",
+            segments=segments,
+            verification=Verification(inputs=3, exact=True, max_abs_diff=0.0, tolerance=0.0),
+            runtime=runtime,
+        )
+        spec = m.ServiceSpec(
+            name="m",
+            model="m.tflite",
+            artifact="ab" * 32,
+            format="tflite",
+            size=20,
+            pipeline=pipeline,
+        )
+        return Replica(
+            node_id="n1",
+            spec=spec,
+            path=Path("m.seg0.tflite"),
+            backend=backend,
+            answer=lambda job, served: None,
+            stage=0,
+        )
+
+    clock = Clock()
+    monkeypatch.setattr(replica_module, "fastest", functools.partial(fastest, clock=clock))
+    litert, openvino = FakeBackend("litert", 0.0007, clock), FakeBackend("openvino", 0.0001, clock)
+    verified = stage0("litert", Candidates("tflite", [openvino, litert]))
+    detail = verified.load()
+    assert detail["runtime"] == verified.runtime == "litert" and "measured_ms" not in detail
+    assert verified.backend is litert and not openvino.models  # not even measured
+    verified.close()
+
+    older = stage0(None, Candidates("tflite", [litert, openvino]))  # split before the field
+    assert older.load()["runtime"] == "openvino"
+    older.close()
+
+    with caplog.at_level("WARNING", logger="mqinfer.node"):
+        elsewhere = stage0("tflite_runtime", Candidates("tflite", [litert, openvino]))
+        assert elsewhere.load()["runtime"] == "openvino"
+    assert "m:0: verified with tflite_runtime, which this node does not have" in caplog.text
+    elsewhere.close()
+
+
 # ---- OpenVINO -------------------------------------------------------------------------------
 
 

@@ -388,7 +388,7 @@ def test_cli_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert code == 0
     assert "digits_int8.tflite: 2 segments, cuts chosen by latency measured with 1 thread" in out
-    assert f"verified on {RANDOM_INPUTS + 2} inputs: outputs bitwise equal" in out
+    assert f"verified with litert on {RANDOM_INPUTS + 2} inputs: outputs bitwise equal" in out
     lines = out.splitlines()
     assert lines[1].split()[:6] == ["segment", "ops", "size", "weights", "latency", "passes"]
     assert lines[2].startswith("0 ") and " int8 [" in lines[2]

@@ -7,6 +7,7 @@ Ids in brackets are the MUSTs of topics.md that a test checks.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -43,6 +44,8 @@ def openvino() -> Any:
     """The runtime, or a skip: `[openvino]` is not part of `make test` (README)."""
     modules = import_runtimes(["openvino"])
     if "openvino" not in modules:
+        if os.environ.get("MQINFER_REQUIRE_OPENVINO") == "1":
+            pytest.fail("MQINFER_REQUIRE_OPENVINO=1 but openvino does not import")
         pytest.skip("openvino does not import here: pip install 'mqinfer[openvino]'")
     return modules["openvino"]
 

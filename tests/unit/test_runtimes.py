@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import sys
 import threading
 from pathlib import Path
@@ -681,6 +682,8 @@ def test_a_pipeline_stage_serves_with_the_runtime_its_split_was_verified_with(
 def openvino() -> Any:
     modules = import_runtimes(["openvino"])
     if "openvino" not in modules:
+        if os.environ.get("MQINFER_REQUIRE_OPENVINO") == "1":
+            pytest.fail("MQINFER_REQUIRE_OPENVINO=1 but openvino does not import")
         pytest.skip("openvino does not import here (pip install 'mqinfer[openvino]')")
     return modules["openvino"]
 

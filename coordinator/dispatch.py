@@ -39,7 +39,11 @@ EWMA = 0.2  # weight of the newest measurement
 ZOMBIE_S = 60.0  # an expired lease its node never answers is forgotten after this
 MAX_HELD_BYTES = 512 * 2**20  # requests and tensors held at the hub, over all services
 WAITING_MAX = 10_000  # requests held while the dispatcher starts
-REPEAT_S = 60.0  # how long after its answer a repeat of a request gets that answer again
+REPEAT_S = 60.0  # how long after its result (or the last repeat) a repeat gets it again
+# ... after an error answer: a transport's second copy of the request (a QoS 1 retry, a
+# cluster delivering twice) comes within seconds and must not be served after the error;
+# a sender who wants a new try after that sends it with a new id, or waits.
+ERROR_REPEAT_S = 10.0
 REPEATS_MAX = 50_000  # requests remembered to tell a repeat from a new request
 REPEAT_BYTES = 32 * 2**20  # results kept for repeats, over all services
 
@@ -108,10 +112,11 @@ class _Request:
 @dataclass
 class _Taken:
     """A request with an id of its own, remembered: being served (no result yet) or
-    answered with `result`, until `until`."""
+    answered with `result` (an error result unless `ok`), until `until`."""
 
     until: float
     result: bytes | None = None
+    ok: bool = False
 
 
 @dataclass(eq=False)
@@ -316,35 +321,43 @@ class Dispatcher:
     def on_request(
         self, incoming: Incoming, now: float, arrived: float | None = None
     ) -> list[Action]:
-        if not self.opened:
-            if len(self._waiting) >= WAITING_MAX:
-                return self._refuse(incoming, Code.BUSY, "the dispatcher is starting; retry")
-            self._waiting.append((incoming, now))
-            return []
-        if incoming.refused:
-            return self._refuse(incoming, Code.BAD_TOPIC, incoming.refused)
         key = _repeat_key(incoming)
         taken = self._taken.get(key) if key is not None else None
         if taken is not None and taken.until > now:
             # The same request again: most often the sender's QoS 1 retry after its
-            # PUBACK was lost (the broker restarted, its link dropped). It is not served
-            # twice: the answer of the first copy goes (went) to the same place.
+            # PUBACK was lost (the broker restarted, its link dropped), or a cluster's
+            # second delivery. It is not served twice: the answer of the first copy goes
+            # (went) to the same place.
             self.counters.repeats += 1
             if taken.result is None:
                 return [Ack(incoming.mid)]
+            if taken.ok and key is not None:  # a sender still asking has not had it yet
+                self._remember(key, replace(taken, until=now + REPEAT_S), now)
             return [Reply(incoming.reply, taken.result, incoming.correlation), Ack(incoming.mid)]
+        if not self.opened:
+            if len(self._waiting) >= WAITING_MAX:
+                why = "the dispatcher is starting; retry"
+                return self._refuse(incoming, key, now, Code.BUSY, why)
+            self._waiting.append((incoming, now))
+            return []
+        if incoming.refused:
+            return self._refuse(incoming, key, now, Code.BAD_TOPIC, incoming.refused)
         self.counters.accepted += 1
         spec = self.specs.get(incoming.service)
         if spec is None:
             known = ", ".join(sorted(self.specs)) or "none"
             return self._refuse(
                 incoming,
+                key,
+                now,
                 Code.UNAVAILABLE,
                 f"no service named {incoming.service} is deployed (services: {known})",
             )
         if len(incoming.payload) > self.max_request_bytes:
             return self._refuse(
                 incoming,
+                key,
+                now,
                 Code.TOO_LARGE,
                 f"request is {len(incoming.payload)} bytes; at most {self.max_request_bytes} "
                 "are accepted",
@@ -352,12 +365,14 @@ class Dispatcher:
         head = m.slot(incoming.service, 0 if spec.stages else None)
         missing = self._missing(incoming.service, spec)
         if missing:
-            return self._refuse(incoming, Code.UNAVAILABLE, missing)
+            return self._refuse(incoming, key, now, Code.UNAVAILABLE, missing)
         s = self.slots[head]
         room = spec.queue * max(1, len(s.replicas))
         if len(s.queue) >= room or self.held + len(incoming.payload) > self.max_held_bytes:
             return self._refuse(
                 incoming,
+                key,
+                now,
                 Code.BUSY,
                 f"{incoming.service} has {len(s.queue)} requests waiting for a replica "
                 f"(queue {spec.queue} per replica, {len(s.replicas)} ready); retry later",
@@ -415,7 +430,11 @@ class Dispatcher:
         s = self.slots.get(slot)
         return s is not None and bool(s.replicas)
 
-    def _refuse(self, incoming: Incoming, code: Code, message: str) -> list[Action]:
+    def _refuse(
+        self, incoming: Incoming, key: bytes | None, now: float, code: Code, message: str
+    ) -> list[Action]:
+        """Answer a request the hub does not take with an error; a repeat of it gets the
+        same answer for ERROR_REPEAT_S."""
         known = incoming.service in self.specs
         self.counters.answer(incoming.service if known else NO_SERVICE, code.value)
         payload = result_json(
@@ -425,19 +444,23 @@ class Dispatcher:
             ok=False,
             error=(code.value, message),
         )
+        if key is not None:
+            self._remember(key, _Taken(until=now + ERROR_REPEAT_S, result=payload), now)
         return [Reply(incoming.reply, payload, incoming.correlation), Ack(incoming.mid)]
 
     def _finish(
         self, req: _Request, reply: Reply | None, now: float, ok: bool = False
     ) -> list[Action]:
-        """The request is answered (or answered with an error): forget it. Its result is
-        kept a while for repeats of the request; after an error a repeat is served anew."""
+        """The request is answered (or answered with an error): forget it. Its answer is
+        kept a while for repeats of the request: REPEAT_S, or ERROR_REPEAT_S after an error
+        (a repeat after that is a new try)."""
         self.requests.pop(req.n, None)
         self.held -= len(req.body)
         req.job = None
         if req.key is not None:
-            if ok and reply is not None:
-                self._remember(req.key, _Taken(until=now + REPEAT_S, result=reply.payload), now)
+            if reply is not None:
+                keep = REPEAT_S if ok else ERROR_REPEAT_S
+                self._remember(req.key, _Taken(now + keep, reply.payload, ok), now)
             else:
                 self._forget_key(req.key)
         out: list[Action] = [reply] if reply is not None else []

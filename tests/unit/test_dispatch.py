@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from mqinfer.coordinator.dispatch import (
+    ERROR_REPEAT_S,
     LEASE_MIN_MS,
     REPEAT_S,
     Ack,
@@ -352,19 +353,55 @@ def test_a_repeat_of_a_request_is_not_served_twice() -> None:
     assert body == b"x" * 11 and d.counters.accepted == 2
 
 
-def test_a_repeat_after_an_error_or_a_while_is_served_anew() -> None:
-    """[T-REQ-4] a retry after an error (here a timeout) is a new try, and so is the same
-    request long after its answer."""
+def test_a_sender_that_keeps_asking_keeps_getting_the_same_result() -> None:
+    """[T-REQ-4] each repeat of an answered request keeps its result another REPEAT_S:
+    a requester whose results a cluster holds back, asking again every 40 s, never gets
+    the request served twice."""
+    d, n = dispatcher(ReadyReplica("a", 1))
+    [(node, work, _)] = n.take(d.on_request(request("r1", mid=1), 0.0))
+    n.answer(node, work, 0.1)
+    first = n.replies[-1]
+    for k, at in enumerate((40.0, 80.0, 120.0), start=2):
+        assert n.take(d.on_request(request("r1", mid=k), at)) == []
+        assert n.replies[-1] == first
+    assert d.counters.repeats == 3 and d.counters.accepted == 1
+    assert len(n.take(d.on_request(request("r1", mid=9), 120.0 + REPEAT_S + 1))) == 1
+
+
+def test_a_repeat_after_an_error_gets_the_error_for_a_while_then_is_served_anew() -> None:
+    """[T-REQ-4] the same request soon after an error (here a timeout) is a second copy
+    of it (a cluster delivering twice): it gets the error again, not a result as well.
+    Later it is a new try, and so is the same request long after a result."""
     d, n = dispatcher(ReadyReplica("a", 1), deadline_ms=1000)
     n.take(d.on_request(request("r1", mid=1), 0.0))
     n.take(d.tick(5.0))  # the lease and the deadline ran out unanswered
-    assert orjson.loads(n.replies[-1].payload)["error"]["code"] == "timeout"
+    error = n.replies[-1]
+    assert orjson.loads(error.payload)["error"]["code"] == "timeout"
     d.set_ready("svc", [ReadyReplica("a", 2)], 5.0)  # the node began a new session
-    [(node, work, _)] = n.take(d.on_request(request("r1", mid=2), 5.1))
-    n.answer(node, work, 5.2)
+    assert n.take(d.on_request(request("r1", mid=2), 5.1)) == []
+    assert n.replies[-1] == error and n.acks[-1] == 2 and d.counters.repeats == 1
+    later = 5.0 + ERROR_REPEAT_S + 0.1
+    [(node, work, _)] = n.take(d.on_request(request("r1", mid=3), later))
+    n.answer(node, work, later + 0.1)
     assert orjson.loads(n.replies[-1].payload)["node"] == "a"
-    assert len(n.take(d.on_request(request("r1", mid=3), 5.2 + REPEAT_S + 1))) == 1
-    assert d.counters.repeats == 0 and d.counters.accepted == 3
+    assert len(n.take(d.on_request(request("r1", mid=4), later + REPEAT_S + 1))) == 1
+    assert d.counters.repeats == 1 and d.counters.accepted == 3
+
+
+def test_a_refused_request_gets_the_same_refusal_again_not_a_result() -> None:
+    """[T-REQ-4] a request refused while its service had no ready replica, delivered a
+    second time once a replica is back (a NATS cluster did this when one of its servers
+    died), is not served after its refusal; after ERROR_REPEAT_S it is a new try."""
+    d, n = dispatcher()
+    assert n.take(d.on_request(request("r1", mid=1), 0.0)) == []
+    refusal = n.replies[-1]
+    assert orjson.loads(refusal.payload)["error"]["code"] == "unavailable"
+    d.set_ready("svc", [ReadyReplica("a", 1)], 0.2)
+    assert n.take(d.on_request(request("r1", mid=2), 0.3)) == []
+    assert n.replies[-1] == refusal and n.acks == [1, 2]
+    [(node, work, _)] = n.take(d.on_request(request("r1", mid=3), ERROR_REPEAT_S + 0.1))
+    n.answer(node, work, ERROR_REPEAT_S + 0.2)
+    assert orjson.loads(n.replies[-1].payload)["node"] == "a"
 
 
 def test_requests_without_an_id_of_their_own_are_never_repeats() -> None:

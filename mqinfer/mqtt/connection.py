@@ -355,7 +355,12 @@ class Connection:
             end.close()
 
     def _wake(self) -> None:
-        """Make the network thread look again (a write left over, a new subscription)."""
+        """Make the network thread look again (a write left over, a new subscription).
+        Not needed on that thread itself (a message handler's publish): it writes what is
+        pending before it waits again, and a wake-up would only cost two system calls and a
+        turn of the loop."""
+        if threading.current_thread() is self._thread:
+            return
         waker = self._waker
         if waker is not None:
             with contextlib.suppress(OSError):

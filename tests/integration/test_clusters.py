@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.integration.clusters import BridgedMosquittos, NatsCluster, need_nats
+from tests.integration.clusters import NATS_BUILDS, BridgedMosquittos, NatsCluster
 from tests.integration.harness import Broker, Procs, wait_for
 from tests.integration.requests import DIGITS, Requester, digits_test_set, direct, mqinfer, png
 
@@ -118,10 +118,10 @@ def check_outputs(results: dict[str, list[dict[str, Any]]]) -> None:
 # ---- a NATS cluster ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def nats(tmp_path: Path) -> Iterator[NatsCluster]:
-    need_nats()
-    cluster = NatsCluster(tmp_path / "nats")
+@pytest.fixture(params=NATS_BUILDS)
+def nats(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NatsCluster]:
+    """A 3-server cluster of Debian's nats-server, and one of the current release."""
+    cluster = NatsCluster(tmp_path / "nats", build=request.param)
     try:
         cluster.start()
         yield cluster
@@ -130,9 +130,12 @@ def nats(tmp_path: Path) -> Iterator[NatsCluster]:
 
 
 SERVER_KILL_KNOWN = (
-    "known to fail: after a server of the NATS cluster is killed, a request in flight is "
-    "sometimes lost or answered twice, and on a loaded machine the hub's subscriptions can "
-    "go unanswered for minutes (topics.md §7, 'What each failure costs'); cause not found"
+    "known to fail: killing one server of three stalls the cluster's MQTT gateway on the two "
+    "left (nats-server 2.9.10 and 2.15.1 alike): it drops the QoS 1 clients, the hub's "
+    "included, and refuses or never acknowledges their subscriptions for 20 s to over a "
+    "minute; requests are answered late or 'unavailable', and a requester that sends again "
+    "every 10 s without a result can get more than one answer (topics.md §7, 'What each "
+    "failure costs')"
 )
 
 
@@ -217,7 +220,8 @@ def test_exactly_once_on_a_nats_cluster(
             results |= run(req, 100, 4, f"s{i}r", retried)
         lost, doubled = tally(results)
         print(
-            f"NATS cluster: {len(results)} sent, {len(lost)} lost, {len(doubled)} twice; "
+            f"NATS {nats.version} cluster: {len(results)} sent, {len(lost)} lost, "
+            f"{len(doubled)} twice; "
             f"sent again after {RETRY_AFTER:.0f} s without a result: {retried}"
         )
         assert (lost, doubled) == ([], [])
@@ -235,7 +239,8 @@ def test_exactly_once_on_a_nats_cluster(
         killer.join()
         lost, doubled = tally(later)
         print(
-            f"NATS server killed: {len(later)} sent, {len(lost)} lost, {len(doubled)} twice; "
+            f"NATS {nats.version} server killed: {len(later)} sent, {len(lost)} lost, "
+            f"{len(doubled)} twice; "
             f"sent again: {again}"
         )
         assert (lost, doubled) == ([], [])

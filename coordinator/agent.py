@@ -61,11 +61,8 @@ ACKED = 65536  # request packet ids remembered as acknowledged (a redelivery is 
 
 
 def subscriptions(topics: Topics) -> list[tuple[str, int]]:
-    """What the registry needs (a standby, `mqinfer status`). Heartbeats, published at
-    QoS 0, are taken at QoS 0: a QoS 1 subscription buys nothing for them, and a clustered
-    broker may make it costly (on NATS each one is a JetStream consumer, refused for a
-    minute and more after a server of the cluster dies)."""
-    subs = [(topics.all_nodes(k), 0 if k is Kind.NODE_HEARTBEAT else 1) for k in WATCHED]
+    """What the registry needs (a standby, `mqinfer status`)."""
+    subs = [(topics.all_nodes(k), 1) for k in WATCHED]
     subs += [(topics.all_services(k), 1) for k in WATCHED_SERVICES]
     return [*subs, (topics.coordinator_state(), 1)]
 

@@ -608,48 +608,16 @@ def test_a_pipeline_stage_serves_with_the_runtime_its_split_was_verified_with(
     with what it has and says so."""
     from mqinfer.node import replica as replica_module
     from mqinfer.node.replica import Replica
-    from mqinfer.protocol import messages as m
-    from mqinfer.protocol.manifest import Pipeline, Segment, Verification
-
-    tensor = TensorInfo(name="x", dtype="float32", shape=[1, 4])
-    segments = [
-        Segment(
-            manifest=Manifest(
-                name=f"m.seg{k}",
-                format="tflite",
-                file=f"m.seg{k}.tflite",
-                sha256=f"{k:02x}" * 32,
-                size=10,
-                inputs=[tensor],
-                outputs=[tensor],
-            ),
-            ops=(k, k + 1),
-        )
-        for k in range(2)
-    ]
+    from tests.unit.test_provision import pipeline_spec
 
     def stage0(runtime: str | None, backend: Any) -> Replica:
-        pipeline = Pipeline(
-            name="m",
-            model="m.tflite",
-            sha256="ab" * 32,
-            format="tflite",
-            segments=segments,
-            verification=Verification(inputs=3, exact=True, max_abs_diff=0.0, tolerance=0.0),
-            runtime=runtime,
-        )
-        spec = m.ServiceSpec(
-            name="m",
-            model="m.tflite",
-            artifact="ab" * 32,
-            format="tflite",
-            size=20,
-            pipeline=pipeline,
-        )
+        spec = pipeline_spec()
+        assert spec.pipeline is not None
+        pipeline = spec.pipeline.model_copy(update={"runtime": runtime})
         return Replica(
             node_id="n1",
-            spec=spec,
-            path=Path("m.seg0.tflite"),
+            spec=spec.model_copy(update={"pipeline": pipeline}),
+            path=Path("digits.seg0.tflite"),
             backend=backend,
             answer=lambda job, served: None,
             stage=0,
@@ -671,7 +639,7 @@ def test_a_pipeline_stage_serves_with_the_runtime_its_split_was_verified_with(
     with caplog.at_level("WARNING", logger="mqinfer.node"):
         elsewhere = stage0("tflite_runtime", Candidates("tflite", [litert, openvino]))
         assert elsewhere.load()["runtime"] == "openvino"
-    assert "m:0: verified with tflite_runtime, which this node does not have" in caplog.text
+    assert "digits:0: verified with tflite_runtime, which this node does not have" in caplog.text
     elsewhere.close()
 
 

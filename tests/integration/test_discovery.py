@@ -292,6 +292,9 @@ def test_malformed_messages_are_logged_and_ignored(
 
     procs.node(broker, prefix, "alpha")
     wait_for(lambda: coordinator.state("alpha") == "online", "alpha online")
+    # A standby's registry sees alpha first: wait until the coordinator holds the hub and
+    # has subscribed there, or what is sent while it moves over reaches neither connection.
+    wait_for(lambda: "test: active (session" in caplog.text, "the coordinator active")
     t = Topics(prefix)
     topics = [
         t.node_caps("alpha"),

@@ -9,11 +9,18 @@ flight: the pipeline can only win by running its stages at the same time. In eac
 the ceiling is measured too, in this process with no messaging: the same segments on one
 thread each at once against the whole model back to back. Goal: the pipeline's gain over
 the whole model is at least 0.9 of the ceiling's gain, round by round.
+
+Where the machine's CPU goes during the pipeline's rounds is accounted per process (psutil):
+the model runs (the stages' own timings) against everything else a request costs here, the
+broker, the hub, the nodes' messaging and decoding, and the requester (this process). On
+this machine they all share the cores the ceiling gives the segments alone; the CPU per
+request bounds what the pipeline can reach here.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import tempfile
 import threading
@@ -21,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from bench.common import REPO, Cluster, Load, Report, camera_frame, machine, spread, until
 from mqinfer.node.runtimes import Model, available_backends, warm_up
@@ -46,6 +54,31 @@ class Ceiling:
     def measure(self, seconds: float = 1.0) -> tuple[float, float]:
         """(whole model alone, segments together) in runs per second."""
         return _rate([self.whole], seconds), _rate(self.parts, seconds)
+
+
+class Accounts:
+    """CPU seconds (user + system) of the cluster's processes and this one, by role."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.procs: dict[str, psutil.Process] = {"requester": psutil.Process()}
+        if cluster.broker.proc is not None:
+            self.procs["broker"] = psutil.Process(cluster.broker.proc.pid)
+        for p in cluster.procs.all:  # the coordinator, and the nodes by their ids
+            self.procs[p.name if p.name == "coordinator" else f"node {p.name}"] = psutil.Process(
+                p.proc.pid
+            )
+        self.seconds: dict[str, float] = dict.fromkeys(self.procs, 0.0)
+
+    def read(self) -> dict[str, float]:
+        out = {}
+        for who, proc in self.procs.items():
+            t = proc.cpu_times()
+            out[who] = t.user + t.system
+        return out
+
+    def add(self, before: dict[str, float], after: dict[str, float]) -> None:
+        for who in self.seconds:
+            self.seconds[who] += after[who] - before[who]
 
 
 def _rate(models: list[Model], seconds: float) -> float:
@@ -98,9 +131,13 @@ def main(argv: list[str] | None = None) -> int:
                 load.run(payload, 30, args.window)  # warm-up
             runs: dict[str, list] = {"whole": [], "pipe": []}
             bound: list[tuple[float, float]] = []
+            accounts = Accounts(cluster)
             for _ in range(args.reps):
                 for name, load in loads.items():
+                    before = accounts.read()
                     runs[name].append(load.run(payload, args.count, args.window))
+                    if name == "pipe":
+                        accounts.add(before, accounts.read())
                 bound.append(ceiling.measure())
             for load in loads.values():
                 load.close()
@@ -138,6 +175,28 @@ def main(argv: list[str] | None = None) -> int:
         + f"; whole model {whole_ms:.2f}"
     )
     report.figure("split (measured on this machine when split): " + "; ".join(split))
+    served = sum(len(run.bodies) for run in runs["pipe"])
+    spent = {who: seconds * 1000 / served for who, seconds in accounts.seconds.items()}
+    parts = {
+        "nodes": sum(ms for who, ms in spent.items() if who.startswith("node")),
+        "Mosquitto": spent["broker"],
+        "hub": spent["coordinator"],
+        "requester": spent["requester"],
+    }
+    total = sum(parts.values())
+    alone = sum(float(ms) for ms in re.findall(r"([\d.]+) ms here", " ".join(split)))
+    cores = psutil.cpu_count() or 1
+    most = cores * 1000 / total  # req/s if every core did nothing else
+    whole = statistics.median(tput["whole"])
+    report.figure(
+        f"CPU per pipeline request, accounted per process over its rounds: {total:.2f} ms = "
+        + " + ".join(f"{who} {ms:.2f}" for who, ms in parts.items())
+        + f" (the nodes' includes their model runs: the segments alone took {alone:.2f} ms "
+        f"when split); {cores} cores doing nothing else allow {most:.0f} req/s = "
+        f"{most / whole:.2f}x the whole model's {whole:.0f} req/s, against the ceiling's gain "
+        f"{statistics.median(gains):.2f}: at most {most / whole / statistics.median(gains):.2f} "
+        "of the ceiling on this machine"
+    )
     report.figure(
         "ceiling runs/s: whole model "
         + spread([a for a, _ in bound])

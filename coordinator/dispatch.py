@@ -323,7 +323,7 @@ class Dispatcher:
     ) -> list[Action]:
         key = _repeat_key(incoming)
         taken = self._taken.get(key) if key is not None else None
-        if taken is not None and taken.until > now:
+        if key is not None and taken is not None and taken.until > now:
             # The same request again: most often the sender's QoS 1 retry after its
             # PUBACK was lost (the broker restarted, its link dropped), or a cluster's
             # second delivery. It is not served twice: the answer of the first copy goes
@@ -331,7 +331,7 @@ class Dispatcher:
             self.counters.repeats += 1
             if taken.result is None:
                 return [Ack(incoming.mid)]
-            if taken.ok and key is not None:  # a sender still asking has not had it yet
+            if taken.ok:  # a sender still asking has not had it yet
                 self._remember(key, replace(taken, until=now + REPEAT_S), now)
             return [Reply(incoming.reply, taken.result, incoming.correlation), Ack(incoming.mid)]
         if not self.opened:

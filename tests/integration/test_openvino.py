@@ -7,7 +7,6 @@ Ids in brackets are the MUSTs of topics.md that a test checks.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mqinfer.node.runtimes import import_runtimes
 from mqinfer.protocol.topics import Topics
 from tests.integration.harness import (
     Broker,
@@ -37,17 +35,6 @@ from tests.integration.requests import (
     png,
     predictions,
 )
-
-
-@pytest.fixture(scope="module")
-def openvino() -> Any:
-    """The runtime, or a skip: `[openvino]` is not part of `make test` (README)."""
-    modules = import_runtimes(["openvino"])
-    if "openvino" not in modules:
-        if os.environ.get("MQINFER_REQUIRE_OPENVINO") == "1":
-            pytest.fail("MQINFER_REQUIRE_OPENVINO=1 but openvino does not import")
-        pytest.skip("openvino does not import here: pip install 'mqinfer[openvino]'")
-    return modules["openvino"]
 
 
 @pytest.fixture

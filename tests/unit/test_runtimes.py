@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 import sys
 import threading
 from pathlib import Path
@@ -644,16 +643,6 @@ def test_a_pipeline_stage_serves_with_the_runtime_its_split_was_verified_with(
 
 
 # ---- OpenVINO -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def openvino() -> Any:
-    modules = import_runtimes(["openvino"])
-    if "openvino" not in modules:
-        if os.environ.get("MQINFER_REQUIRE_OPENVINO") == "1":
-            pytest.fail("MQINFER_REQUIRE_OPENVINO=1 but openvino does not import")
-        pytest.skip("openvino does not import here (pip install 'mqinfer[openvino]')")
-    return modules["openvino"]
 
 
 def test_openvino_reports_the_tensors_of_the_manifest(

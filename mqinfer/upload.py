@@ -2,8 +2,9 @@
 
 Nodes fetch artifacts from these retained messages, so a model deployed from a laptop
 reaches nodes placed hours later. The meta goes last: a meta on the broker means every
-chunk is there. An upload that was cut off is simply run again (chunks are idempotent);
-an artifact whose meta is already on the broker is not sent again.
+chunk is there. An upload that was cut off is simply run again (chunks are idempotent),
+on the same or a new connection; an artifact whose meta is already on the broker is not
+sent again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mqinfer.protocol.topics import Topics
 
 CHUNK_SIZE = 256 * 1024
 WINDOW = 8  # chunks in flight before waiting for PUBACKs
+SUBSCRIBE_RETRIES = 10  # a second apart
 
 Progress = Callable[[int, int], None]  # (bytes sent, total)
 
@@ -33,10 +35,9 @@ def chunk_count(size: int, chunk_size: int = CHUNK_SIZE) -> int:
 
 
 class Uploader:
-    """Uploads artifacts over one connection; feed it the connection's messages."""
+    """Uploads artifacts; feed it the messages of the connection it uploads over."""
 
-    def __init__(self, conn: Connection, topics: Topics) -> None:
-        self.conn = conn
+    def __init__(self, topics: Topics) -> None:
         self.topics = topics
         self._metas: dict[str, m.ArtifactMeta] = {}
         self._seen = threading.Event()
@@ -56,17 +57,19 @@ class Uploader:
             self._metas[meta.sha256] = meta
             self._seen.set()
 
-    def present(self, sha256: str, size: int, wait: float = 1.5) -> bool:
+    def present(self, conn: Connection, sha256: str, size: int, wait: float = 1.5) -> bool:
         """Is a complete artifact with this hash and size already on the broker?"""
         self._seen.clear()
-        self.conn.subscribe([(self.topics.artifact_meta(sha256), 1)])
+        # a clustered broker can refuse a subscription it could not set up in time
+        conn.subscribe([(self.topics.artifact_meta(sha256), 1)], retries=SUBSCRIBE_RETRIES)
         self._seen.wait(wait)  # a retained meta arrives at once, or not at all
-        self.conn.unsubscribe([self.topics.artifact_meta(sha256)])
+        conn.unsubscribe([self.topics.artifact_meta(sha256)])
         meta = self._metas.get(sha256)
         return meta is not None and meta.size == size
 
     def upload(
         self,
+        conn: Connection,
         sha256: str,
         data: bytes,
         name: str,
@@ -76,19 +79,17 @@ class Uploader:
         force: bool = False,
     ) -> bool:
         """Publish the artifact unless it is there (or `force`); True when it was sent."""
-        if not force and self.present(sha256, len(data)):
+        if not force and self.present(conn, sha256, len(data)):
             return False
         count = chunk_count(len(data))
         pending = []
         for i in range(count):
             chunk = data[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]
-            info = self.conn.publish(
-                self.topics.artifact_chunk(sha256, i), chunk, qos=1, retain=True
-            )
+            info = conn.publish(self.topics.artifact_chunk(sha256, i), chunk, qos=1, retain=True)
             pending.append((info, min((i + 1) * CHUNK_SIZE, len(data))))
             while len(pending) >= WINDOW or (i == count - 1 and pending):
                 first, sent = pending.pop(0)
-                self._wait(first)
+                _wait(conn, first)
                 if progress:
                     progress(sent, len(data))
         meta = m.ArtifactMeta(
@@ -101,15 +102,16 @@ class Uploader:
             manifest=manifest,
             ts=time.time(),
         )
-        self.conn.publish_wait(self.topics.artifact_meta(sha256), codec.encode(meta), retain=True)
+        conn.publish_wait(self.topics.artifact_meta(sha256), codec.encode(meta), retain=True)
         return True
 
-    def _wait(self, info: mqtt.MQTTMessageInfo, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not info.is_published():
-            if time.monotonic() > deadline or not self.conn.alive:
-                raise NotConnected("the broker stopped acknowledging the upload")
-            info.wait_for_publish(0.05)
+
+def _wait(conn: Connection, info: mqtt.MQTTMessageInfo, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not info.is_published():
+        if time.monotonic() > deadline or not conn.alive:
+            raise NotConnected("the broker stopped acknowledging the upload")
+        info.wait_for_publish(0.05)
 
 
 def progress_bar(label: str) -> Progress:

@@ -7,6 +7,7 @@ Every test gets its own topic prefix.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -335,3 +336,87 @@ def start_coordinator(
     thread = threading.Thread(target=main, name="coordinator", daemon=True)
     thread.start()
     return InProcessCoordinator(agent, stop, thread, status)
+
+
+class CuttingProxy:
+    """A TCP forwarder in front of a broker that drops connections the way a failing
+    broker or link does, without a DISCONNECT: `cut_after(n)` closes the first connection
+    whose client sends more than n bytes (one only); `cut()` closes every open one now."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.accepted = 0
+        self.cuts = 0
+        self._budget: int | None = None
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="proxy", daemon=True).start()
+
+    def cut_after(self, sent: int) -> None:
+        self._budget = sent
+
+    def cut(self) -> None:
+        self.cuts += self._close_open()
+
+    def close(self) -> None:
+        self._close_open()
+        _close(self.listener)
+
+    def _close_open(self) -> bool:
+        with self._lock:
+            socks, self._open = self._open, []
+        for s in socks:
+            _close(s)
+        return bool(socks)
+
+    def _over(self, sent: int) -> bool:
+        with self._lock:
+            if self._budget is None or sent <= self._budget:
+                return False
+            self._budget = None
+            self.cuts += 1
+            return True
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self.accepted += 1
+                self._open += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        passed = 0
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            if counted and self._over(passed + len(data)):
+                data = b""
+            try:
+                if data:
+                    dst.sendall(data)
+            except OSError:
+                data = b""
+            if not data:
+                for s in (src, dst):
+                    _close(s)
+                return
+            passed += len(data)
+
+
+def _close(s: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_RDWR)
+    s.close()

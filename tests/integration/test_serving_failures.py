@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import signal
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -21,6 +23,7 @@ from mqinfer.protocol import messages as m
 from mqinfer.protocol.topics import Topics
 from tests.integration.harness import (
     Broker,
+    CuttingProxy,
     InProcessCoordinator,
     Observer,
     Procs,
@@ -37,6 +40,8 @@ from tests.integration.requests import (
     png,
 )
 from tests.integration.test_serving import ready_on, status
+
+MOBILENET = REPO / "models" / "mobilenet_v2" / "mobilenet_v2_int8.tflite"
 
 
 def npy(array: np.ndarray) -> bytes:
@@ -383,3 +388,69 @@ def test_serving_goes_on_after_a_broker_restart(
     finally:
         obs.close()
         coordinator.shutdown()
+
+
+def test_a_deploy_cut_off_in_its_upload_connects_again_and_finishes(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator
+) -> None:
+    """A broker that drops the deploy's connection in the middle of the upload (a NATS
+    cluster does, under load) costs a reconnect: the upload runs again, and the node gets
+    the model whole."""
+    procs.node(broker, prefix, "n1")
+    wait_for(lambda: coordinator.state("n1") == "online", "n1 online")
+    model = MOBILENET.read_bytes()
+    proxy = CuttingProxy(broker.port)
+    proxy.cut_after(len(model) // 4)
+    try:
+        out = mqinfer(
+            "deploy",
+            *("--model", str(MOBILENET), "--name", "mnv2", "--replicas", "1"),
+            *("--broker", proxy.url, "--prefix", prefix, "--wait", "--timeout", "90"),
+        )
+    finally:
+        proxy.close()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert proxy.cuts == 1
+    assert "; connecting again (1 of 5)" in out.stderr, out.stderr
+    assert "(2 of 5)" not in out.stderr, out.stderr
+    assert out.stdout == "service mnv2: ready on n1\n"
+    sha = hashlib.sha256(model).hexdigest()
+    cached = list((procs.tmp_path / "cache-n1").glob(f"{sha}*"))
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in cached] == [sha]
+
+
+def test_deploy_wait_follows_the_status_across_a_reconnect(
+    broker: Broker, prefix: str, procs: Procs
+) -> None:
+    """The connection of `deploy --wait` is dropped while it waits for the status: it
+    connects again and still sees the service become ready. The coordinator starts only
+    after the cut, so the status cannot have come before it."""
+    procs.node(broker, prefix, "n1")
+    proxy = CuttingProxy(broker.port)
+    deploying = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mqinfer", "deploy"),
+            *("--model", str(DIGITS / "digits_int8.tflite"), "--name", "digits", "--replicas", "1"),
+            *("--broker", proxy.url, "--prefix", prefix, "--wait", "--timeout", "90"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    coordinator = None
+    try:
+        assert deploying.stderr is not None
+        before = [deploying.stderr.readline() for _ in range(2)]
+        assert before[1].startswith("service digits: spec published"), before
+        proxy.cut()
+        coordinator = start_coordinator(broker, prefix)
+        out, err = deploying.communicate(timeout=120)
+    finally:
+        deploying.kill()
+        proxy.close()
+        if coordinator is not None:
+            coordinator.shutdown()
+    assert deploying.returncode == 0, out + err
+    assert "; connecting again (1 of 5)" in err, err
+    assert out == "service digits: ready on n1\n"

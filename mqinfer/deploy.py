@@ -15,14 +15,14 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mqinfer import options
 from mqinfer.coordinator import status
 from mqinfer.keys import KeyFileError, load_private_key
-from mqinfer.mqtt import Brokers, ConnectError, Connection, Message, MQTTError, NotConnected
+from mqinfer.link import Link, check
+from mqinfer.mqtt import Brokers, Connection, Message, MQTTError
 from mqinfer.protocol import codec, signing
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import ProtocolError
@@ -41,13 +41,10 @@ from mqinfer.servicefile import (
     whole_model,
 )
 from mqinfer.split import SplitError, pipeline_file, split_model
-from mqinfer.upload import SUBSCRIBE_RETRIES, Uploader, progress_bar
+from mqinfer.upload import Uploader, progress_bar
 
 EXIT_FAILED = 1  # the service failed (reason printed)
 EXIT_TIMEOUT = 4  # --wait ran out of time
-RECONNECTS = 5  # times a deploy or undeploy connects again after its connection is lost
-
-T = TypeVar("T")
 
 
 class _Follower:
@@ -108,75 +105,20 @@ class _Follower:
             return result
 
 
-class _Link:
-    """The connection of one deploy or undeploy. A broker may drop it midway (a clustered
-    one does under load); then it connects again, to the next broker given when that one
-    does not answer, and the step that was cut off runs again from its start. Every step
-    can: chunks, metas and specs are retained under their own identity, so sending one
-    twice changes nothing. Gives up after RECONNECTS."""
+def _until(
+    link: Link, follower: _Follower, outcome: Callable[[], int | None], wait: float
+) -> int | None:
+    """`follower.until`, on a new connection whenever the connection is lost meanwhile."""
+    deadline = time.monotonic() + wait
 
-    def __init__(self, url: Brokers, protocol: str, follower: _Follower, what: str) -> None:
-        self._url, self._protocol, self._what = url, protocol, what
-        self.follower = follower
-        self.following = False  # subscribed to the follower's topics, again after a reconnect
-        self.reconnects = 0
-        self.conn: Connection | None = self._open()  # the first failure to connect is final
+    def watch(conn: Connection) -> int | None:
+        def seen() -> int | None:
+            check(conn)
+            return outcome()
 
-    def _open(self) -> Connection:
-        conn = Connection(
-            self._url,
-            f"mqinfer-{self._what}-{uuid.uuid4().hex[:12]}",
-            self.follower.on_message,
-            protocol=self._protocol,
-        )
-        conn.open()
-        return conn
+        return follower.until(seen, deadline - time.monotonic())
 
-    def follow(self) -> None:
-        self.following = True
-        self.run(self._subscribe)
-
-    def _subscribe(self, conn: Connection) -> None:
-        conn.subscribe(self.follower.filters(), retries=SUBSCRIBE_RETRIES)
-
-    def run(self, step: Callable[[Connection], T]) -> T:
-        while True:
-            try:
-                if self.conn is None:
-                    self.conn = self._open()
-                    if self.following:
-                        self._subscribe(self.conn)
-                return step(self.conn)
-            except (NotConnected, ConnectError) as e:
-                if self.reconnects >= RECONNECTS:
-                    raise
-                self.reconnects += 1
-                print(
-                    f"{e}; connecting again ({self.reconnects} of {RECONNECTS})",
-                    file=sys.stderr,
-                )
-                if self.conn is not None:
-                    self.conn.drop()
-                    self.conn = None
-                time.sleep(min(2.0 ** (self.reconnects - 1), 8.0))
-
-    def until(self, outcome: Callable[[], int | None], wait: float) -> int | None:
-        """`follower.until`, connected again whenever the connection is lost meanwhile."""
-        deadline = time.monotonic() + wait
-
-        def watch(conn: Connection) -> int | None:
-            def seen() -> int | None:
-                if not conn.alive:
-                    raise NotConnected(f"connection to {conn.url} lost")
-                return outcome()
-
-            return self.follower.until(seen, deadline - time.monotonic())
-
-        return self.run(watch)
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
+    return link.run(watch)
 
 
 def deploy(
@@ -197,7 +139,7 @@ def deploy(
     if sign_key is not None:
         spec = signing.signed(spec, sign_key)
     follower = _Follower(topics, spec.name)
-    link = _Link(url, protocol, follower, "deploy")
+    link = Link(url, protocol, follower.on_message, "deploy")
     try:
         uploader = follower.uploader = Uploader(topics)
         for artifact in pipeline.segments if pipeline else [model]:
@@ -219,7 +161,7 @@ def deploy(
                 + ("uploaded" if sent else "already on the broker"),
                 file=sys.stderr,
             )
-        link.follow()
+        link.follow(follower.filters())
         link.run(
             lambda conn: conn.publish_wait(
                 topics.service_spec(spec.name), codec.encode(spec), retain=True
@@ -247,7 +189,7 @@ def deploy(
                 return EXIT_FAILED if st.state == "failed" else 0
             return None
 
-        result = link.until(outcome, wait)
+        result = _until(link, follower, outcome, wait)
         if result is None:
             st = follower.status
             now = status.service_line(st) if st else "no status yet"
@@ -266,9 +208,9 @@ def undeploy(
     url: Brokers, topics: Topics, name: str, wait: float | None, protocol: str = "auto"
 ) -> int:
     follower = _Follower(topics, name)
-    link = _Link(url, protocol, follower, "undeploy")
+    link = Link(url, protocol, follower.on_message, "undeploy")
     try:
-        link.follow()
+        link.follow(follower.filters())
         link.run(lambda conn: conn.publish_wait(topics.service_spec(name), b"", retain=True))
         print(f"service {name}: spec removed", file=sys.stderr)
         if wait is None:
@@ -278,7 +220,7 @@ def undeploy(
             st = follower.status
             return 0 if follower.cleared or (st is not None and st.state == "removed") else None
 
-        if link.until(removed, wait) is None:
+        if _until(link, follower, removed, wait) is None:
             st = follower.status
             print(
                 f"service {name}: still {st.state if st else 'unknown'} after "

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from mqinfer import options
+from mqinfer.link import Link, check
 from mqinfer.mqtt import Brokers, Connection, Message, MQTTError
 from mqinfer.protocol.topics import Kind, Topics
 
@@ -90,31 +91,45 @@ def request(
             f"answered within {NO_SPEC_GRACE:g} s"
         )
 
-    conn = Connection(url, f"mqinfer-infer-{base}", on_message, protocol=protocol)
-    conn.open()
+    link = Link(url, protocol, on_message, "infer")
     try:
         # The specs first: retained, they arrive before any answer to the requests below.
-        conn.subscribe(
+        link.follow(
             [
                 (topics.all_services(Kind.SERVICE_SPEC), 1),
                 (topics.service_result(service) + "/+", 1),
             ]
         )
-        for rid, payload in zip(ids, payloads, strict=True):
-            conn.publish(topics.service_request(service, rid), payload, qos=1)
         start = time.monotonic()
-        while ids:
-            finished = done.wait(0.05)
-            waited = time.monotonic() - start
-            why = not_deployed(waited)
-            if why is not None:
-                raise NoSuchService(why)
-            if finished or waited >= timeout:
-                break
+        sent_on: list[Connection] = []
+
+        def serve(conn: Connection) -> None:
+            # On a new connection, whatever has no result yet is sent again under its id:
+            # one served already is answered again, not served twice ([T-REQ-4]).
+            if conn not in sent_on:
+                sent_on.append(conn)
+                with lock:
+                    todo = [
+                        (rid, p) for rid, p in zip(ids, payloads, strict=True) if rid not in results
+                    ]
+                for rid, payload in todo:
+                    conn.publish(topics.service_request(service, rid), payload, qos=1)
+            while True:
+                check(conn)
+                finished = done.wait(0.05)
+                waited = time.monotonic() - start
+                why = not_deployed(waited)
+                if why is not None:
+                    raise NoSuchService(why)
+                if finished or waited >= timeout:
+                    return
+
+        if ids:
+            link.run(serve)
         with lock:
             return [results.get(rid) for rid in ids]
     finally:
-        conn.close()
+        link.close()
 
 
 def describe(result: dict[str, Any]) -> str:

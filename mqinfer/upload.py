@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 
+from mqinfer.link import SUBSCRIBE_RETRIES
 from mqinfer.mqtt import Connection, Message, NotConnected
 from mqinfer.protocol import codec
 from mqinfer.protocol import messages as m
@@ -25,7 +26,6 @@ from mqinfer.protocol.topics import Topics
 
 CHUNK_SIZE = 256 * 1024
 WINDOW = 8  # chunks in flight before waiting for PUBACKs
-SUBSCRIBE_RETRIES = 10  # a second apart
 
 Progress = Callable[[int, int], None]  # (bytes sent, total)
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ from tests.integration.requests import (
     Requester,
     deploy,
     digits_test_set,
+    direct,
     mqinfer,
     png,
 )
@@ -454,3 +456,63 @@ def test_deploy_wait_follows_the_status_across_a_reconnect(
     assert deploying.returncode == 0, out + err
     assert "; connecting again (1 of 5)" in err, err
     assert out == "service digits: ready on n1\n"
+
+
+def test_infer_cut_off_before_its_results_sends_again_and_none_is_served_twice(
+    broker: Broker,
+    prefix: str,
+    procs: Procs,
+    coordinator: InProcessCoordinator,
+    observer: Observer,
+    tmp_path: Path,
+) -> None:
+    """[T-REQ-4] `mqinfer infer` loses its connection after its requests reached the hub
+    and before their results came (the node is stopped meanwhile): it connects again and
+    sends each request again under its id. Each is answered with the model's own output,
+    and the hub counts every copy sent again as a repeat: none is served twice."""
+    node = procs.node(broker, prefix, "n1")
+    wait_for(lambda: coordinator.state("n1") == "online", "n1 online")
+    digits = ("--model", str(DIGITS / "digits_int8.tflite"), "--name", "digits")
+    deploy(broker, prefix, *digits, "--replicas", "1")
+    ready_on(observer, prefix, "digits", 1)
+    images, _ = digits_test_set()
+    files = []
+    for i in range(8):
+        files.append(tmp_path / f"d{i}.png")
+        files[-1].write_bytes(png(images[i]))
+    under = Topics(prefix).service_request("digits") + "/"
+
+    def requests_seen() -> int:
+        with observer.lock:
+            return sum(topic.startswith(under) for topic, _, _ in observer.log)
+
+    node.signal(signal.SIGSTOP)
+    proxy = CuttingProxy(broker.port)
+    inferring = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mqinfer", "infer", "digits", *map(str, files), "--json"),
+            *("--broker", proxy.url, "--prefix", prefix, "--timeout", "60"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        wait_for(lambda: requests_seen() == len(files), "the requests on the broker")
+        proxy.cut()
+        node.signal(signal.SIGCONT)
+        out, err = inferring.communicate(timeout=120)
+    finally:
+        node.signal(signal.SIGCONT)
+        inferring.kill()
+        proxy.close()
+    assert inferring.returncode == 0, out + err
+    assert "; connecting again (1 of 5)" in err, err
+    assert requests_seen() == 2 * len(files)
+    results = [orjson.loads(line) for line in out.splitlines()]
+    assert [r["file"] for r in results] == list(map(str, files))
+    got = np.array([r["outputs"][0]["values"] for r in results]).reshape(len(files), -1)
+    expected = direct("digits_int8.tflite", images[: len(files)])
+    np.testing.assert_array_equal(got.astype(expected.dtype), expected)
+    assert coordinator.agent.dispatcher.counters.repeats == len(files)

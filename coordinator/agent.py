@@ -34,7 +34,16 @@ from mqinfer.coordinator.dispatch import (
 from mqinfer.coordinator.dispatch import Action as Dispatch
 from mqinfer.coordinator.provision import Action, Provisioner, PublishStatus, SendCommand
 from mqinfer.coordinator.registry import Change, Registry
-from mqinfer.mqtt import Brokers, BrokerURL, Connection, Message, MQTTError, NotConnected, Will
+from mqinfer.mqtt import (
+    SUBSCRIBE_RETRIES,
+    Brokers,
+    BrokerURL,
+    Connection,
+    Message,
+    MQTTError,
+    NotConnected,
+    Will,
+)
 from mqinfer.protocol import codec, replies
 from mqinfer.protocol import messages as m
 from mqinfer.protocol import work as w
@@ -215,7 +224,7 @@ class CoordinatorAgent:
         session = self._session
         # One SUBSCRIBE per session, with wildcards; again after a reconnect even when the
         # broker kept the session (a cluster may have lost a subscription it refused).
-        conn.subscribe(hub_subscriptions(self.topics), timeout=60, retries=10)
+        conn.subscribe(hub_subscriptions(self.topics), timeout=60, retries=SUBSCRIBE_RETRIES)
         conn.publish_wait(
             self.topics.coordinator_state(), self._state("online", session), retain=True
         )

@@ -14,7 +14,15 @@ from typing import Any
 
 from mqinfer.coordinator.agent import read, subscriptions
 from mqinfer.coordinator.registry import NodeRecord, Registry
-from mqinfer.mqtt import Brokers, Connection, Message, MQTTError
+from mqinfer.mqtt import (
+    SUBSCRIBE_RETRIES,
+    Brokers,
+    ConnectError,
+    Connection,
+    Message,
+    MQTTError,
+    NotConnected,
+)
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import ProtocolError
 from mqinfer.protocol.topics import TopicError, Topics
@@ -22,10 +30,27 @@ from mqinfer.protocol.topics import TopicError, Topics
 log = logging.getLogger("mqinfer.status")
 
 
+READ_TRIES = 3  # a connection lost while the state is read: read it again on a new one
+
+
 def collect(
     url: Brokers, topics: Topics, protocol: str = "auto", settle: float = 0.5, limit: float = 5.0
 ) -> Registry:
-    """Subscribe, take the retained messages until `settle` s pass quietly (at most `limit`)."""
+    """Subscribe, take the retained messages until `settle` s pass quietly (at most `limit`).
+    A connection lost meanwhile is opened again and the state read again from the start; the
+    first connection's failure is raised (MQTTError)."""
+    for attempt in range(1, READ_TRIES + 1):
+        try:
+            return _collect(url, topics, protocol, settle, limit)
+        except (NotConnected, ConnectError) as e:
+            if attempt == READ_TRIES or (attempt == 1 and isinstance(e, ConnectError)):
+                raise  # the first connection failed: a wrong address, most likely
+            log.warning("%s; reading again", e)
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
+def _collect(url: Brokers, topics: Topics, protocol: str, settle: float, limit: float) -> Registry:
     registry = Registry()
     last = [time.monotonic()]
     lock = threading.Lock()
@@ -42,11 +67,14 @@ def collect(
     conn = Connection(url, client_id, on_message, protocol=protocol)
     conn.open()
     try:
-        conn.subscribe(subscriptions(topics))
+        conn.subscribe(subscriptions(topics), retries=SUBSCRIBE_RETRIES)
         start = last[0] = time.monotonic()
         while time.monotonic() - last[0] < settle and time.monotonic() - start < limit:
             time.sleep(0.05)
+        check = conn.alive
         with lock:
+            if not check:
+                raise NotConnected(f"connection to {conn.url} lost while reading the state")
             return registry
     finally:
         conn.close()
@@ -234,7 +262,7 @@ def watch(
         conn = Connection(url, f"mqinfer-status-{time.time_ns():x}", on_message, protocol=protocol)
         try:
             conn.open()
-            conn.subscribe(subscriptions(topics))
+            conn.subscribe(subscriptions(topics), retries=SUBSCRIBE_RETRIES)
         except MQTTError:
             conn.drop()
             if first:

@@ -15,10 +15,16 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from mqinfer.mqtt import Brokers, ConnectError, Connection, Message, NotConnected
+from mqinfer.mqtt import (
+    SUBSCRIBE_RETRIES,
+    Brokers,
+    ConnectError,
+    Connection,
+    Message,
+    NotConnected,
+)
 
 RECONNECTS = 5  # times a command connects again before it gives up
-SUBSCRIBE_RETRIES = 10  # a second apart: a cluster refuses what it could not set up in time
 
 T = TypeVar("T")
 

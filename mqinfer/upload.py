@@ -16,8 +16,7 @@ from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 
-from mqinfer.link import SUBSCRIBE_RETRIES
-from mqinfer.mqtt import Connection, Message, NotConnected
+from mqinfer.mqtt import SUBSCRIBE_RETRIES, Connection, Message, NotConnected
 from mqinfer.protocol import codec
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import ProtocolError

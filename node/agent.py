@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from mqinfer.mqtt import Connection, Message, MQTTError, Will
+from mqinfer.mqtt import SUBSCRIBE_RETRIES, Connection, Message, MQTTError, Will
 from mqinfer.node import sysinfo
 from mqinfer.node.artifacts import ArtifactStore, default_cache_dir
 from mqinfer.node.capabilities import Probe, capabilities, reference_ms
@@ -206,7 +206,7 @@ class NodeAgent:
                 (self.topics.coordinator_heartbeat(), 0),
             ],
             timeout=60,
-            retries=10,
+            retries=SUBSCRIBE_RETRIES,
         )
         self.announce(conn)
         self.publish_state(conn, "online")

@@ -3,6 +3,7 @@ public API only), and the session loop. It knows topics only as strings; the wir
 is mqinfer.protocol's."""
 
 from mqinfer.mqtt.connection import (
+    SUBSCRIBE_RETRIES,
     AuthRefused,
     ConnectError,
     Connection,
@@ -18,6 +19,7 @@ from mqinfer.mqtt.url import DEFAULT_BROKER, Brokers, BrokerURL, parse_brokers
 
 __all__ = [
     "DEFAULT_BROKER",
+    "SUBSCRIBE_RETRIES",
     "AuthRefused",
     "BrokerURL",
     "Brokers",

@@ -101,6 +101,9 @@ _VERSION_REFUSED = {"Unsupported protocol version"}
 
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 LOOP_TIMEOUT = 0.5  # seconds the network thread sleeps in select() when nothing happens
+# Times a refused subscription is asked again, a second apart: a NATS cluster refuses a
+# QoS 1 subscription it could not set up within 4 s, as it does under load.
+SUBSCRIBE_RETRIES = 10
 
 
 class Connection:
@@ -474,6 +477,8 @@ class Connection:
                 self._acks[mid] = (event, codes)
         self._wake()
         if not event.wait(timeout) or not codes:
+            if self._lost.is_set():
+                raise NotConnected(f"connection to {self.url} lost before its SUBACK")
             raise NotConnected(f"no SUBACK from {self.url} within {timeout:.0f} s")
         refused = [f for (f, _), c in zip(filters, codes, strict=False) if c.is_failure]
         if refused:

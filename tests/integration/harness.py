@@ -341,7 +341,8 @@ def start_coordinator(
 class CuttingProxy:
     """A TCP forwarder in front of a broker that drops connections the way a failing
     broker or link does, without a DISCONNECT: `cut_after(n)` closes the first connection
-    whose client sends more than n bytes (one only); `cut()` closes every open one now."""
+    whose client sends more than n bytes (one only; with `from_broker`, whose broker sends
+    more than n bytes); `cut()` closes every open one now."""
 
     def __init__(self, port: int) -> None:
         self.target = port
@@ -351,12 +352,13 @@ class CuttingProxy:
         self.accepted = 0
         self.cuts = 0
         self._budget: int | None = None
+        self._from_broker = False
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, name="proxy", daemon=True).start()
 
-    def cut_after(self, sent: int) -> None:
-        self._budget = sent
+    def cut_after(self, sent: int, from_broker: bool = False) -> None:
+        self._budget, self._from_broker = sent, from_broker
 
     def cut(self) -> None:
         self.cuts += self._close_open()
@@ -372,9 +374,9 @@ class CuttingProxy:
             _close(s)
         return bool(socks)
 
-    def _over(self, sent: int) -> bool:
+    def _over(self, sent: int, from_broker: bool) -> bool:
         with self._lock:
-            if self._budget is None or sent <= self._budget:
+            if self._budget is None or sent <= self._budget or from_broker != self._from_broker:
                 return False
             self._budget = None
             self.cuts += 1
@@ -392,17 +394,17 @@ class CuttingProxy:
             with self._lock:
                 self.accepted += 1
                 self._open += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, from_broker: bool) -> None:
         passed = 0
         while True:
             try:
                 data = src.recv(65536)
             except OSError:
                 data = b""
-            if counted and self._over(passed + len(data)):
+            if self._over(passed + len(data), from_broker):
                 data = b""
             try:
                 if data:

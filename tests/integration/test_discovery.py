@@ -19,6 +19,7 @@ from mqinfer.node.capabilities import probe_host
 from mqinfer.protocol.topics import Topics
 from tests.integration.harness import (
     Broker,
+    CuttingProxy,
     InProcessCoordinator,
     Observer,
     Procs,
@@ -89,6 +90,38 @@ def test_two_nodes_online_with_real_capabilities(
         assert n["heartbeat_age_s"] is not None
     assert view["coordinator"]["state"] == "online"
     assert view["services"] == []
+
+
+def test_status_cut_off_while_reading_reads_it_again(
+    broker: Broker, prefix: str, procs: Procs, coordinator: InProcessCoordinator
+) -> None:
+    """`mqinfer status` whose connection is dropped while the retained state comes in
+    reads it again on a new connection: it never shows part of the state as the whole."""
+    for n in ("alpha", "beta"):
+        procs.node(broker, prefix, n)
+    for n in ("alpha", "beta"):
+        wait_for(lambda n=n: coordinator.state(n) == "online", f"{n} online")
+        wait_for(lambda n=n: coordinator.agent.registry.nodes[n].caps, f"{n} caps")
+    proxy = CuttingProxy(broker.port)
+    proxy.cut_after(1000, from_broker=True)  # two nodes' caps alone are more
+    try:
+        out = subprocess.run(
+            [
+                *(sys.executable, "-m", "mqinfer", "status", "--json"),
+                *("--broker", proxy.url, "--prefix", prefix),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        proxy.close()
+    assert out.returncode == 0, out.stderr
+    assert proxy.cuts == 1
+    assert "; reading again" in out.stderr, out.stderr  # cut before or after the SUBACK
+    view = orjson.loads(out.stdout)
+    assert {n["id"]: n["state"] for n in view["nodes"]} == {"alpha": "online", "beta": "online"}
+    assert all(n["runtimes"] for n in view["nodes"])
 
 
 def test_kill9_marks_node_lost_other_stays_online(

@@ -76,6 +76,17 @@ def mqinfer(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
     )
 
 
+def mqinfer_started(*args: str) -> subprocess.Popen[str]:
+    """`mqinfer ARGS` running, its output piped, for a test that acts while it runs."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mqinfer", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+
+
 def deploy(broker: Broker, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
     """`mqinfer deploy ... --wait` as a user runs it; the test fails unless it is ready."""
     out = mqinfer(

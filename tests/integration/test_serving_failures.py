@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from tests.integration.requests import (
     digits_test_set,
     direct,
     mqinfer,
+    mqinfer_started,
     png,
 )
 from tests.integration.test_serving import ready_on, status
@@ -429,16 +428,19 @@ def test_deploy_wait_follows_the_status_across_a_reconnect(
     after the cut, so the status cannot have come before it."""
     procs.node(broker, prefix, "n1")
     proxy = CuttingProxy(broker.port)
-    deploying = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "mqinfer", "deploy"),
-            *("--model", str(DIGITS / "digits_int8.tflite"), "--name", "digits", "--replicas", "1"),
-            *("--broker", proxy.url, "--prefix", prefix, "--wait", "--timeout", "90"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
+    deploying = mqinfer_started(
+        *("deploy", "--model", str(DIGITS / "digits_int8.tflite"), "--name", "digits"),
+        *(
+            "--replicas",
+            "1",
+            "--broker",
+            proxy.url,
+            "--prefix",
+            prefix,
+            "--wait",
+            "--timeout",
+            "90",
+        ),
     )
     coordinator = None
     try:
@@ -488,15 +490,9 @@ def test_infer_cut_off_before_its_results_sends_again_and_none_is_served_twice(
 
     node.signal(signal.SIGSTOP)
     proxy = CuttingProxy(broker.port)
-    inferring = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "mqinfer", "infer", "digits", *map(str, files), "--json"),
-            *("--broker", proxy.url, "--prefix", prefix, "--timeout", "60"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
+    inferring = mqinfer_started(
+        *("infer", "digits", *map(str, files), "--json"),
+        *("--broker", proxy.url, "--prefix", prefix, "--timeout", "60"),
     )
     try:
         wait_for(lambda: requests_seen() == len(files), "the requests on the broker")

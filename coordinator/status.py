@@ -30,7 +30,7 @@ from mqinfer.protocol.topics import TopicError, Topics
 log = logging.getLogger("mqinfer.status")
 
 
-READ_TRIES = 3  # a connection lost while the state is read: read it again on a new one
+READ_TRIES = 6  # a connection lost while the state is read: read it again, 5 more times
 
 
 def collect(

@@ -14,14 +14,22 @@ import re
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import orjson
 
 from mqinfer import options
-from mqinfer.mqtt import AuthRefused, Brokers, Connection, Message, MQTTError, session
+from mqinfer.link import Link, check
+from mqinfer.mqtt import (
+    SUBSCRIBE_RETRIES,
+    AuthRefused,
+    Brokers,
+    Connection,
+    Message,
+    MQTTError,
+    session,
+)
 from mqinfer.protocol import codec
 from mqinfer.protocol import messages as m
 from mqinfer.protocol.errors import ProtocolError
@@ -123,10 +131,6 @@ class Inventory:
             self.users.setdefault(sha, set()).add(service)
 
 
-def _client_id() -> str:
-    return f"mqinfer-artifacts-{uuid.uuid4().hex[:12]}"
-
-
 def read_inventory(
     url: Brokers,
     topics: Topics,
@@ -136,7 +140,7 @@ def read_inventory(
 ) -> Inventory:
     """The retained metas and specs; with `scan_chunks` True every chunk too (to find
     uploads cut off before their meta), or the chunks of the artifacts it names."""
-    inventory = Inventory()
+    inventory = [Inventory()]  # a new one for each connection: the state is read again
     lock = threading.Lock()
     last = [time.monotonic()]
 
@@ -145,7 +149,7 @@ def read_inventory(
             return  # a live publish: not part of the picture being taken
         with lock:
             last[0] = time.monotonic()
-            inventory.take(topics, message)
+            inventory[0].take(topics, message)
 
     filters = [
         (wildcard(topics, Kind.ARTIFACT_META), 1),
@@ -155,18 +159,25 @@ def read_inventory(
         filters.append((wildcard(topics, Kind.ARTIFACT_CHUNK), 1))
     elif scan_chunks:
         filters += [(topics.artifact_chunks(sha), 1) for sha in scan_chunks]
-    conn = Connection(url, _client_id(), on_message, protocol=protocol)
-    conn.open()
-    try:
-        conn.subscribe(filters)
+
+    def read(conn: Connection) -> Inventory:
+        with lock:
+            inventory[0] = Inventory()
+        conn.subscribe(filters, retries=SUBSCRIBE_RETRIES)
         start = last[0] = time.monotonic()
         limit = SCAN_LIMIT if len(filters) > 2 else READ_LIMIT
         while time.monotonic() - last[0] < settle and time.monotonic() - start < limit:
+            check(conn)
             time.sleep(0.05)
+        check(conn)
         with lock:
-            return inventory
+            return inventory[0]
+
+    link = Link(url, protocol, on_message, "artifacts")
+    try:
+        return link.run(read)
     finally:
-        conn.close()
+        link.close()
 
 
 class NotCleared(MQTTError):
@@ -177,15 +188,18 @@ class NotCleared(MQTTError):
 def clear(url: Brokers, topics: Topics, artifacts: list[Artifact], protocol: str = "auto") -> None:
     """Empty retained messages on each artifact's meta, then on each of its chunks; then
     read them back, and raise NotCleared naming any the broker still has."""
-    conn = Connection(url, _client_id(), lambda _m: None, protocol=protocol)
-    conn.open()
+    link = Link(url, protocol, lambda _m: None, "artifacts")
+
+    def empty(conn: Connection, art: Artifact) -> None:
+        conn.publish_wait(topics.artifact_meta(art.sha256), b"", retain=True)
+        for i in sorted(art.chunk_indices()):
+            conn.publish_wait(topics.artifact_chunk(art.sha256, i), b"", retain=True)
+
     try:
         for art in artifacts:
-            conn.publish_wait(topics.artifact_meta(art.sha256), b"", retain=True)
-            for i in sorted(art.chunk_indices()):
-                conn.publish_wait(topics.artifact_chunk(art.sha256, i), b"", retain=True)
+            link.run(lambda conn, art=art: empty(conn, art))  # type: ignore[misc]
     finally:
-        conn.close()
+        link.close()
     shas = [art.sha256 for art in artifacts]
     left = read_inventory(url, topics, protocol, shas).artifacts
     kept = [left[sha] for sha in shas if sha in left]

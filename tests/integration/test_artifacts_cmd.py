@@ -13,7 +13,13 @@ from typing import Any
 import orjson
 
 from mqinfer.broker.ports import free_port
-from tests.integration.harness import REPO, Broker, need_client_tool, need_mosquitto
+from tests.integration.harness import (
+    REPO,
+    Broker,
+    CuttingProxy,
+    need_client_tool,
+    need_mosquitto,
+)
 
 MODELS = REPO / "models" / "digits"
 TFLITE = MODELS / "digits_int8.tflite"
@@ -104,6 +110,40 @@ def test_gc_removes_exactly_the_artifact_no_spec_uses(mosquitto: Broker, prefix:
     # No retained message of the unused one is left; the used one is whole.
     assert retained(mosquitto, prefix) == {ints: {"meta", "chunk/0"}}
     assert set(listed(mosquitto, prefix)) == {ints}
+
+
+def test_list_cut_off_while_reading_reads_it_again(mosquitto: Broker, prefix: str) -> None:
+    """`artifacts list` whose connection is dropped while the retained metas and specs come
+    in reads them again on a new connection: it never lists part of them as the whole."""
+    ok(mosquitto, prefix, "deploy", "--model", str(TFLITE), "--name", "ints")
+    ok(mosquitto, prefix, "deploy", "--model", str(ONNX), "--name", "floats")
+    proxy = CuttingProxy(mosquitto.port)
+    proxy.cut_after(600, from_broker=True)  # two metas and two specs are more
+    try:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mqinfer",
+                "artifacts",
+                "list",
+                "--json",
+                "--broker",
+                proxy.url,
+                "--prefix",
+                prefix,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        proxy.close()
+    assert out.returncode == 0, out.stderr
+    assert proxy.cuts == 1
+    assert "; connecting again (1 of 5)" in out.stderr, out.stderr
+    found = {item["sha256"]: item["used_by"] for item in orjson.loads(out.stdout)}
+    assert found == {sha256(TFLITE): ["ints"], sha256(ONNX): ["floats"]}
 
 
 def test_rm_refuses_what_a_spec_uses_and_names_the_services(mosquitto: Broker, prefix: str) -> None:

@@ -228,6 +228,13 @@ class CoordinatorAgent:
         conn.publish_wait(
             self.topics.coordinator_state(), self._state("online", session), retain=True
         )
+        # [T-STATUS-2] readers believe the statuses of this session only: those this
+        # coordinator published in an earlier session of its active period go again under
+        # this one, or a reader would see none until a service changed.
+        with self._lock:
+            again = [(name, p.own) for name, p in self._published.items() if p.own is not None]
+        for name, own in again:
+            self._provision(conn, PublishStatus(name, own))
         self._next_beat = 0.0
         log.info("%s: active (session %d)", self.name, session)
 

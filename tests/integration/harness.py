@@ -320,10 +320,15 @@ class InProcessCoordinator:
 
 
 def start_coordinator(
-    broker: Broker, prefix: str, missed_beats: float = 8.0, forget_after: float = 3600.0
+    broker: Broker,
+    prefix: str,
+    missed_beats: float = 8.0,
+    forget_after: float = 3600.0,
+    url: str | None = None,
 ) -> InProcessCoordinator:
     """missed_beats is generous by default: a loaded CI machine must not make a live node
-    look silent. The heartbeat-timeout test asks for the usual 3."""
+    look silent. The heartbeat-timeout test asks for the usual 3. `url`: connect there
+    instead (a proxy in front of the broker)."""
     agent = CoordinatorAgent(
         Topics(prefix), Registry(missed_beats=missed_beats), "test", forget_after=forget_after
     )
@@ -331,7 +336,7 @@ def start_coordinator(
     status: list[int] = []
 
     def main() -> None:
-        status.append(hub.run(agent, broker.broker_url, stop))
+        status.append(hub.run(agent, BrokerURL.parse(url) if url else broker.broker_url, stop))
 
     thread = threading.Thread(target=main, name="coordinator", daemon=True)
     thread.start()

@@ -40,6 +40,7 @@ from tests.integration.requests import (
     mqinfer_started,
     png,
 )
+from tests.integration.test_discovery import status_json
 from tests.integration.test_serving import ready_on, status
 
 MOBILENET = REPO / "models" / "mobilenet_v2" / "mobilenet_v2_int8.tflite"
@@ -389,6 +390,39 @@ def test_serving_goes_on_after_a_broker_restart(
     finally:
         obs.close()
         coordinator.shutdown()
+
+
+def test_statuses_are_believed_again_after_the_coordinator_reconnects(
+    broker: Broker, prefix: str, procs: Procs
+) -> None:
+    """[T-STATUS-2] The coordinator's connection drops while the node's stays up: it comes
+    back in a new session with nothing changed, and publishes its statuses again under that
+    session. A reader believes only the current session's statuses: before, `mqinfer
+    status` showed the service 'unknown' until something about it changed."""
+    proxy = CuttingProxy(broker.port)
+    coordinator = start_coordinator(broker, prefix, url=proxy.url)
+    try:
+        procs.node(broker, prefix, "n1")
+        wait_for(lambda: coordinator.state("n1") == "online", "n1 online")
+        deploy(broker, prefix, "--model", str(DIGITS / "digits_int8.tflite"), "--name", "digits")
+        before = coordinator.agent.session
+        proxy.cut()
+        wait_for(lambda: coordinator.agent.session != before, "the coordinator back", 60)
+
+        def believed() -> dict[str, Any] | None:
+            view = status_json(broker, prefix)
+            if (view["coordinator"] or {}).get("session") != coordinator.agent.session:
+                return None  # its new state not read yet: the old statuses still count
+            return view
+
+        view = wait_for(believed, "the coordinator's new session in mqinfer status")
+        [svc] = view["services"]
+        assert (svc["name"], svc["state"]) == ("digits", "ready"), svc
+        assert [r["node"] for r in svc["replicas"]] == ["n1"]
+        assert proxy.cuts == 1
+    finally:
+        coordinator.shutdown()
+        proxy.close()
 
 
 def test_a_deploy_cut_off_in_its_upload_connects_again_and_finishes(

@@ -20,6 +20,7 @@ from tests.integration.harness import (
     need_client_tool,
     need_mosquitto,
 )
+from tests.integration.requests import mqinfer as run
 
 MODELS = REPO / "models" / "digits"
 TFLITE = MODELS / "digits_int8.tflite"
@@ -120,23 +121,7 @@ def test_list_cut_off_while_reading_reads_it_again(mosquitto: Broker, prefix: st
     proxy = CuttingProxy(mosquitto.port)
     proxy.cut_after(600, from_broker=True)  # two metas and two specs are more
     try:
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mqinfer",
-                "artifacts",
-                "list",
-                "--json",
-                "--broker",
-                proxy.url,
-                "--prefix",
-                prefix,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        out = run("artifacts", "list", "--json", "--broker", proxy.url, "--prefix", prefix)
     finally:
         proxy.close()
     assert out.returncode == 0, out.stderr

@@ -26,6 +26,7 @@ from tests.integration.harness import (
     start_coordinator,
     wait_for,
 )
+from tests.integration.requests import mqinfer
 
 
 def status_json(broker: Broker, prefix: str, url: str | None = None) -> dict[str, Any]:
@@ -105,15 +106,7 @@ def test_status_cut_off_while_reading_reads_it_again(
     proxy = CuttingProxy(broker.port)
     proxy.cut_after(1000, from_broker=True)  # two nodes' caps alone are more
     try:
-        out = subprocess.run(
-            [
-                *(sys.executable, "-m", "mqinfer", "status", "--json"),
-                *("--broker", proxy.url, "--prefix", prefix),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = mqinfer("status", "--json", "--broker", proxy.url, "--prefix", prefix, timeout=60)
     finally:
         proxy.close()
     assert out.returncode == 0, out.stderr

@@ -39,15 +39,15 @@ def collect(
     """Subscribe, take the retained messages until `settle` s pass quietly (at most `limit`).
     A connection lost meanwhile is opened again and the state read again from the start; the
     first connection's failure is raised (MQTTError)."""
-    for attempt in range(1, READ_TRIES + 1):
+    for attempt in range(1, READ_TRIES):
         try:
             return _collect(url, topics, protocol, settle, limit)
         except (NotConnected, ConnectError) as e:
-            if attempt == READ_TRIES or (attempt == 1 and isinstance(e, ConnectError)):
+            if attempt == 1 and isinstance(e, ConnectError):
                 raise  # the first connection failed: a wrong address, most likely
             log.warning("%s; reading again", e)
             time.sleep(1.0)
-    raise AssertionError("unreachable")
+    return _collect(url, topics, protocol, settle, limit)  # the last try: its failure is raised
 
 
 def _collect(url: Brokers, topics: Topics, protocol: str, settle: float, limit: float) -> Registry:
@@ -71,10 +71,9 @@ def _collect(url: Brokers, topics: Topics, protocol: str, settle: float, limit: 
         start = last[0] = time.monotonic()
         while time.monotonic() - last[0] < settle and time.monotonic() - start < limit:
             time.sleep(0.05)
-        check = conn.alive
+        if not conn.alive:
+            raise NotConnected(f"connection to {conn.url} lost while reading the state")
         with lock:
-            if not check:
-                raise NotConnected(f"connection to {conn.url} lost while reading the state")
             return registry
     finally:
         conn.close()

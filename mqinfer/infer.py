@@ -101,13 +101,13 @@ def request(
             ]
         )
         start = time.monotonic()
-        sent_on: list[Connection] = []
+        sent_on: list[Connection | None] = [None]  # the connection the requests went on
 
         def serve(conn: Connection) -> None:
             # On a new connection, whatever has no result yet is sent again under its id:
             # one served already is answered again, not served twice ([T-REQ-4]).
-            if conn not in sent_on:
-                sent_on.append(conn)
+            if conn is not sent_on[0]:
+                sent_on[0] = conn
                 with lock:
                     todo = [
                         (rid, p) for rid, p in zip(ids, payloads, strict=True) if rid not in results

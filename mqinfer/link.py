@@ -1,4 +1,4 @@
-"""The connection of a command that runs once (deploy, undeploy, infer).
+"""The connection of a command that runs once (deploy, undeploy, infer, artifacts).
 
 A broker may drop a connection midway: a clustered one does under load. The command then
 connects again, to the next broker given when that one does not answer, subscribes again,
